@@ -1,0 +1,51 @@
+"""Atomic file writes: an interrupted run never leaves a half-written checkpoint or report."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    import torch
+
+    _atomic_write(Path(path), lambda tmp: torch.save(obj, tmp))
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    _atomic_write(Path(path), lambda tmp: tmp.write_text(text))
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    _atomic_write(Path(path), lambda tmp: tmp.write_bytes(data))
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    """Append one line; a crash can only lose the line being written, never earlier ones."""
+    with open(path, "a") as handle:
+        handle.write(json.dumps(record, default=str) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())

@@ -1,0 +1,37 @@
+"""Progress bars for long work (rich), silent when DFAD_EDGE_QUIET is set."""
+
+from __future__ import annotations
+
+import os
+from typing import Iterable, Iterator, TypeVar
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+T = TypeVar("T")
+console = Console(stderr=True)
+
+
+def quiet() -> bool:
+    return bool(os.environ.get("DFAD_EDGE_QUIET"))
+
+
+def new_progress() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[status]}"),
+        console=console, disable=quiet(), transient=False,
+    )
+
+
+def track(items: Iterable[T], total: int | None, description: str) -> Iterator[T]:
+    with new_progress() as progress:
+        task = progress.add_task(description, total=total, status="")
+        for item in items:
+            yield item
+            progress.advance(task)
+
+
+def log(message: str) -> None:
+    if not quiet():
+        console.print(message, highlight=False)

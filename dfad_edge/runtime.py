@@ -1,0 +1,77 @@
+"""Device selection, mixed precision and seeding: CUDA first, the same code on a CPU."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+
+import numpy as np
+import torch
+
+from .errors import DfadError
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise DfadError("--device cuda was asked for but no CUDA GPU is visible to PyTorch (see dfad-edge doctor)")
+    if not (name == "cpu" or name.startswith("cuda")):
+        raise DfadError(f"unknown device '{name}': use auto, cpu or cuda[:N]")
+    return torch.device(name)
+
+
+def autocast_dtype(device: torch.device, mode: str = "auto") -> torch.dtype | None:
+    """The mixed-precision type to train in: bf16 where the hardware has it, fp16 on older GPUs, none on CPU by default."""
+    if mode == "off":
+        return None
+    if mode == "bf16":
+        return torch.bfloat16
+    if mode == "fp16":
+        return torch.float16
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return _to_plain(state)
+
+
+def restore_rng_state(state: dict) -> None:
+    random.setstate(_python_state(state["python"]))
+    numpy_state = state["numpy"]
+    np.random.set_state((numpy_state[0], numpy_state[1].numpy().astype(np.uint32), *numpy_state[2:]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _to_plain(state: dict) -> dict:
+    """RNG states as tensors, lists and numbers only, so they survive weights_only loading."""
+    version, internal, gauss = state["python"]
+    numpy_state = state["numpy"]
+    plain = dict(state)
+    plain["python"] = [version, list(internal), gauss]
+    plain["numpy"] = [numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)), *numpy_state[2:]]
+    return plain
+
+
+def _python_state(plain: list) -> tuple:
+    version, internal, gauss = plain
+    return (version, tuple(int(v) for v in internal), gauss)
