@@ -9,6 +9,7 @@ from typing import Callable, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .errors import DfadError
@@ -31,7 +32,7 @@ def command(target: typer.Typer = app, name: str | None = None, **kwargs) -> Cal
             try:
                 return fn(*args, **kw)
             except DfadError as exc:
-                err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+                err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
                 raise typer.Exit(2) from None
             except KeyboardInterrupt:
                 err_console.print("[yellow]interrupted[/]")
@@ -175,3 +176,155 @@ def train_teacher_command(
 
 def main() -> None:
     app()
+
+
+@command()
+def distill(
+    teacher: Path = typer.Option(..., "--teacher", help="the teacher: a dfad-edge checkpoint (see import/train-teacher)"),
+    out: Path = typer.Option(..., "--out", help="run folder"),
+    preset: str = typer.Option("auto", "--preset", help="cifar100 (the paper's recipe), cifar10, digits; auto: from the teacher"),
+    student: Optional[str] = typer.Option(None, "--student", help="student architecture (default: the preset's)"),
+    eval_data: Optional[str] = typer.Option(None, "--eval-data", help="evaluate on this test set each epoch and keep the best"),
+    epochs: Optional[int] = typer.Option(None, "--epochs", min=1),
+    iters_per_epoch: Optional[int] = typer.Option(None, "--iters-per-epoch", min=1),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1),
+    student_steps: Optional[int] = typer.Option(None, "--student-steps", min=1, help="student steps per generator step"),
+    nz: Optional[int] = typer.Option(None, "--nz", min=1, help="generator latent size"),
+    lr_student: Optional[float] = typer.Option(None, "--lr-student"),
+    lr_generator: Optional[float] = typer.Option(None, "--lr-generator"),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="multistep | cosine | step (stepped per epoch)"),
+    milestones: Optional[str] = typer.Option(None, "--milestones", help="epochs where multistep drops the LR, e.g. 100,200"),
+    loss: Optional[str] = typer.Option(None, "--loss", help="student loss: l1 (paper), kl, mse"),
+    bn_stats: Optional[float] = typer.Option(None, "--bn-stats", help="weight of BatchNorm-statistics matching (0 = off)"),
+    class_balance: Optional[float] = typer.Option(None, "--class-balance", help="weight of the class-balance term (0 = off)"),
+    replay: Optional[int] = typer.Option(None, "--replay", help="images kept in the replay memory (0 = off)"),
+    max_minutes: Optional[float] = typer.Option(None, "--max-minutes", help="stop cleanly after this much training time"),
+    eval_every: Optional[int] = typer.Option(None, "--eval-every", min=1),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    amp: Optional[str] = typer.Option(None, "--amp", help="auto | off | bf16 | fp16"),
+    compile_models: bool = typer.Option(False, "--compile", help="torch.compile student and teacher (CUDA)"),
+    channels_last: Optional[bool] = typer.Option(None, "--channels-last/--no-channels-last", help="memory format (default on)"),
+    resume: bool = typer.Option(False, "--resume", help="continue the run in --out exactly where it stopped"),
+    data_dir: Optional[Path] = DataDirOpt, download: bool = DownloadOpt, device: Optional[str] = typer.Option(None, "--device"),
+) -> None:
+    """Data-free adversarial distillation: a generator searches for images where student and teacher disagree."""
+    from .checkpoint import load_checkpoint
+    from .distill import DistillConfig, DistillRun, preset_config
+
+    if resume:
+        config = DistillConfig()  # replaced by the config saved in --out
+    else:
+        chosen = preset if preset != "auto" else _preset_for(load_checkpoint(teacher))
+        overrides = dict(student_arch=student, epochs=epochs, iters_per_epoch=iters_per_epoch, batch_size=batch_size,
+                         student_steps=student_steps, nz=nz, lr_student=lr_student, lr_generator=lr_generator,
+                         scheduler=scheduler, replay_size=replay, max_minutes=max_minutes, eval_every=eval_every,
+                         seed=seed, amp=amp, device=device, compile=compile_models or None, channels_last=channels_last,
+                         milestones=tuple(parse_ints(milestones, "--milestones")) if milestones else None)
+        loss_overrides = {k: v for k, v in dict(student=loss, bn_stats=bn_stats, class_balance=class_balance).items()
+                          if v is not None}
+        config = preset_config(chosen, **overrides, **loss_overrides)
+    result = DistillRun(config, teacher, out, eval_data, data_dir, download, resume).run()
+    best = result["best"]
+    if best["accuracy"]:
+        out_console.print(f"best student top-1 {best['accuracy']['100%']:.2%} at epoch {best['epoch']}"
+                          + (f" (teacher {result['teacher_accuracy']['100%']:.2%})" if result["teacher_accuracy"] else ""))
+    out_console.print(f"student: {result['student']}  generator: {result['generator']}")
+
+
+def _preset_for(teacher) -> str:
+    if teacher.input_spec.height <= 8:
+        return "digits"
+    return "cifar10" if teacher.num_classes <= 10 else "cifar100"
+
+
+@command()
+def export(
+    checkpoint: Path = typer.Argument(..., help="a dfad-edge checkpoint (student.pt, teacher.pt, ...)"),
+    out: Path = typer.Option(..., "--out", help="folder for model.onnx, model.int8.onnx, engines, export.json"),
+    int8: bool = typer.Option(False, "--int8", help="INT8 QDQ graphs: TensorRT flavour and ONNX Runtime CPU flavour"),
+    fp16: bool = typer.Option(False, "--fp16", help="an FP16-typed ONNX graph (FP32 at the boundary)"),
+    tensorrt: bool = typer.Option(False, "--tensorrt", help="build TensorRT engines from each graph (needs TensorRT + GPU)"),
+    calib: str = typer.Option("generator", "--calib", help="'generator' (data-free, default) or a data source of real images"),
+    calib_images: int = typer.Option(512, "--calib-images", min=1),
+    calib_method: str = typer.Option("minmax", "--calib-method", help="minmax | entropy | percentile"),
+    generator: Optional[Path] = typer.Option(None, "--generator", help="generator.pt (default: next to the checkpoint)"),
+    max_batch: int = typer.Option(64, "--max-batch", min=1, help="largest batch the graphs and engines are verified/built for"),
+    data_dir: Optional[Path] = DataDirOpt,
+) -> None:
+    """Export to ONNX, verify against PyTorch, optionally INT8 (data-free calibration), FP16 and TensorRT engines."""
+    from .export import ExportOptions, run_export
+
+    options = ExportOptions(int8=int8, fp16=fp16, tensorrt=tensorrt, calib=calib, calib_images=calib_images,
+                            calib_method=calib_method, generator=str(generator) if generator else None,
+                            max_batch=max_batch, data_dir=str(data_dir) if data_dir else None)
+    report = run_export(checkpoint, out, options)
+    table = Table("artifact", "bytes", "check")
+    for key, artifact in report["artifacts"].items():
+        if "verification" in artifact and artifact["verification"]:
+            check = "max |diff| {:.2e} vs PyTorch".format(max(v["max_abs_diff"] for v in artifact["verification"].values()))
+        else:
+            check = "top-1 agreement with FP32 {:.2%}".format(artifact["agreement_with_fp32"]["top1_agreement"])
+        table.add_row(artifact["path"], f"{artifact['bytes']:,}", check)
+    for engine in (report.get("engines") or {}).values():
+        table.add_row(engine["path"], f"{engine['bytes']:,}", f"TensorRT {engine['tensorrt_version']}, {engine['gpu_name']}")
+    out_console.print(table)
+    out_console.print(f"wrote {out / 'export.json'}")
+
+
+bench_app = typer.Typer(help="Accuracy, latency and size, student against teacher, for every backend and precision.",
+                        invoke_without_command=True, no_args_is_help=False)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.callback()
+def bench(
+    ctx: typer.Context,
+    teacher: Optional[Path] = typer.Option(None, "--teacher", help="teacher checkpoint or its export folder"),
+    student: Optional[Path] = typer.Option(None, "--student", help="student checkpoint or its export folder"),
+    data: Optional[str] = typer.Option(None, "--data", help="test data: digits, cifar10, cifar100, or an ImageFolder directory"),
+    out: Optional[Path] = typer.Option(None, "--out", help="folder for report.json, report.md, tradeoff.png"),
+    backends: str = typer.Option("torch,onnxruntime,tensorrt", "--backends"),
+    precisions: str = typer.Option("fp32,fp16,int8", "--precisions"),
+    batch_sizes: str = typer.Option("1,8,64", "--batch-sizes"),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
+    warmup: int = typer.Option(10, "--warmup", min=0),
+    iterations: int = typer.Option(50, "--iterations", min=1),
+    data_dir: Optional[Path] = DataDirOpt,
+) -> None:
+    """Bench teacher and student: top-1 on 10/20/100% splits, latency percentiles, throughput, size. Writes
+    report.json, report.md and tradeoff.png. Rows that cannot run here are kept with the reason."""
+    if ctx.invoked_subcommand is not None:
+        return
+    try:
+        _run_bench(teacher, student, data, out, backends, precisions, batch_sizes, device, warmup, iterations, data_dir)
+    except DfadError as exc:
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
+def _run_bench(teacher, student, data, out, backends, precisions, batch_sizes, device, warmup, iterations, data_dir) -> None:
+    from .bench import BenchOptions, run_bench
+
+    missing = [flag for flag, value in (("--teacher", teacher), ("--student", student), ("--data", data), ("--out", out))
+               if value is None]
+    if missing:
+        raise DfadError(f"bench needs {', '.join(missing)} (see dfad-edge bench --help)")
+    options = BenchOptions(backends=parse_names(backends), precisions=parse_names(precisions),
+                           batch_sizes=parse_ints(batch_sizes, "--batch-sizes"), device=device, warmup=warmup,
+                           iterations=iterations, data_dir=str(data_dir) if data_dir else None)
+    run_bench(teacher, student, data, out, options)
+    out_console.print((out / "report.md").read_text(), markup=False, highlight=False, soft_wrap=True)
+    out_console.print(f"wrote {out / 'report.json'}, {out / 'report.md'}, {out / 'tradeoff.png'}")
+
+
+@command(target=bench_app, name="compare")
+def bench_compare(first: Path = typer.Argument(..., help="A/report.json"), second: Path = typer.Argument(..., help="B/report.json"),
+                  out: Optional[Path] = typer.Option(None, "--out", help="also write the comparison as Markdown")) -> None:
+    """The same rows of two reports side by side (e.g. desktop against Jetson, before/after a change)."""
+    from .bench.report import compare_reports, load_report
+    from .io import atomic_write_text
+
+    text = compare_reports(load_report(first), load_report(second), str(first), str(second))
+    out_console.print(text, markup=False, highlight=False, soft_wrap=True)
+    if out:
+        atomic_write_text(out, text)

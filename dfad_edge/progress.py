@@ -33,5 +33,6 @@ def track(items: Iterable[T], total: int | None, description: str) -> Iterator[T
 
 
 def log(message: str) -> None:
+    """A status line; rich markup allowed, so callers escape user text."""
     if not quiet():
         console.print(message, highlight=False)

@@ -1,0 +1,167 @@
+"""report.json -> report.md (the table a person reads) and tradeoff.png; and side-by-side comparison of two reports."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..errors import DfadError
+from ..io import atomic_write_text
+from ..progress import log
+
+
+def _ran(report: dict) -> list[dict]:
+    return [row for row in report["results"] if "skipped" not in row]
+
+
+def _find(report: dict, model: str, backend: str, precision: str) -> dict | None:
+    return next((r for r in _ran(report) if (r["model"], r["backend"], r["precision"]) == (model, backend, precision)), None)
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:.2f}"
+
+
+def _largest_batch(row: dict) -> str:
+    return max(row["latency_ms"], key=int)
+
+
+def results_table(report: dict) -> list[str]:
+    lines = ["| model | backend | precision | top-1 10% | top-1 20% | top-1 100% | agrees w/ teacher | agrees w/ own FP32 "
+             "| p50 ms (batch 1) | p90 ms (batch 1) | p50 ms (largest batch) | img/s (largest batch) | MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in _ran(report):
+        largest = _largest_batch(row)
+        first = min(row["latency_ms"], key=int)
+        acc = row["accuracy"]
+        lines.append(
+            f"| {row['model']} | {row['backend']} | {row['precision']} | {acc['10%']:.2%} | {acc['20%']:.2%} | "
+            f"{acc['100%']:.2%} | {row['agreement']['teacher']['100%']:.2%} | {row['agreement']['fp32']['100%']:.2%} | "
+            f"{row['latency_ms'][first]['p50']:.3f} (b{first}) | {row['latency_ms'][first]['p90']:.3f} | "
+            f"{row['latency_ms'][largest]['p50']:.3f} (b{largest}) | {row['throughput_ips'][largest]:,.0f} | {_mib(row['bytes'])} |")
+    return lines
+
+
+def headline(report: dict) -> list[str]:
+    """The shipping decision in one line: the fastest student deployment against the teacher as it is (PyTorch FP32)."""
+    baseline = _find(report, "teacher", "torch", "fp32")
+    students = [r for r in _ran(report) if r["model"] == "student"]
+    if baseline is None or not students:
+        return []
+    first = min(baseline["latency_ms"], key=int)
+    best = min(students, key=lambda r: r["latency_ms"][first]["p50"])
+    speedup = baseline["latency_ms"][first]["p50"] / best["latency_ms"][first]["p50"]
+    return [f"**Fastest student ({best['backend']} {best['precision']}) vs teacher (torch fp32):** "
+            f"{speedup:.1f}x faster at batch {first}, {baseline['bytes'] / best['bytes']:.1f}x smaller, "
+            f"keeps {best['accuracy']['100%'] / max(baseline['accuracy']['100%'], 1e-9):.1%} of the teacher's accuracy "
+            f"({best['accuracy']['100%']:.2%} vs {baseline['accuracy']['100%']:.2%}).", ""]
+
+
+def student_vs_teacher_table(report: dict) -> list[str]:
+    lines = ["| backend | precision | speed-up (batch 1) | throughput ratio (largest batch) | size reduction "
+             "| accuracy kept (100%) | student top-1 | teacher top-1 |",
+             "|---|---|---|---|---|---|---|---|"]
+    for student in (r for r in _ran(report) if r["model"] == "student"):
+        teacher = _find(report, "teacher", student["backend"], student["precision"])
+        if teacher is None:
+            continue
+        first, largest = min(student["latency_ms"], key=int), _largest_batch(student)
+        speedup = teacher["latency_ms"][first]["p50"] / student["latency_ms"][first]["p50"]
+        throughput = student["throughput_ips"][largest] / teacher["throughput_ips"][largest]
+        kept = student["accuracy"]["100%"] / max(teacher["accuracy"]["100%"], 1e-9)
+        lines.append(f"| {student['backend']} | {student['precision']} | {speedup:.2f}x | {throughput:.2f}x | "
+                     f"{teacher['bytes'] / student['bytes']:.1f}x smaller | {kept:.1%} | "
+                     f"{student['accuracy']['100%']:.2%} | {teacher['accuracy']['100%']:.2%} |")
+    return lines
+
+
+def markdown_report(report: dict) -> str:
+    env, models = report["env"], report["models"]
+    gpu = env.get("gpu") or {}
+    machine = f"{gpu['name']} (sm {gpu['compute_capability']})" if gpu else f"CPU: {env['cpu']}, {env['cpu_cores']} cores"
+    lines = [f"# dfad-edge bench: student vs teacher on {report['data']}", "",
+             f"Machine: {machine}; torch {env['torch']}, onnxruntime {env['onnxruntime']}, TensorRT {env['tensorrt']}"
+             + (f"; Jetson {env['jetson']['model']}, power mode {env['jetson']['power_mode']}" if env.get("jetson") else ""),
+             f"Settings: batch sizes {report['settings']['batch_sizes']}, {report['settings']['warmup']} warm-up + "
+             f"{report['settings']['iterations']} timed iterations; latency is end to end (host in, host out)"
+             + ("; GPU compute alone (CUDA events) is in report.json." if gpu else "."), "",
+             "## Student vs teacher", ""] + headline(report) + ["Same backend and precision:", ""]
+    lines += student_vs_teacher_table(report)
+    lines += ["", "## Every row", ""] + results_table(report)
+    lines += ["", "## Models", "", "| model | arch | params | MACs | checkpoint MiB |", "|---|---|---|---|---|"]
+    for role, facts in models.items():
+        lines.append(f"| {role} | {facts['arch']} | {facts['params']:,} | {facts['macs'] / 1e6:,.1f} M | "
+                     f"{_mib(facts['artifacts']['checkpoint'])} |")
+    lines.append(f"\nMACs: {next(iter(models.values()))['macs_convention']}.")
+    skipped = [r for r in report["results"] if "skipped" in r]
+    if skipped:
+        lines += ["", "## Skipped", "", "| model | backend | precision | why |", "|---|---|---|---|"]
+        lines += [f"| {r['model']} | {r['backend']} | {r['precision']} | {r['skipped']} |" for r in skipped]
+    return "\n".join(lines) + "\n"
+
+
+def tradeoff_plot(report: dict, path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("tradeoff.png skipped: matplotlib is not installed (pip install 'dfad-edge[plot]')")
+        return False
+    rows = _ran(report)
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    markers = {"torch": "o", "onnxruntime": "s", "tensorrt": "^"}
+    colours = {"teacher": "tab:red", "student": "tab:blue"}
+    for row in rows:
+        first = min(row["latency_ms"], key=int)
+        x, y = row["latency_ms"][first]["p50"], 100 * row["accuracy"]["100%"]
+        axes.scatter(x, y, marker=markers[row["backend"]], color=colours[row["model"]], s=60)
+        axes.annotate(f"{row['model']} {row['backend']} {row['precision']}", (x, y), fontsize=7,
+                      xytext=(4, 4), textcoords="offset points")
+    axes.set_xscale("log")
+    axes.set_xlabel(f"p50 latency at batch {min(rows[0]['latency_ms'], key=int)} (ms, log scale)" if rows else "latency")
+    axes.set_ylabel("top-1 accuracy, full test set (%)")
+    axes.set_title(f"accuracy vs latency on {report['data']} ({report['results'][0]['device'] if report['results'] else ''})")
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return True
+
+
+def write_reports(report: dict, out: Path) -> None:
+    atomic_write_text(out / "report.md", markdown_report(report))
+    tradeoff_plot(report, out / "tradeoff.png")
+
+
+def load_report(path: Path) -> dict:
+    try:
+        report = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DfadError(f"cannot read bench report {path}: {exc}") from None
+    if report.get("schema") != "dfad-edge-bench/1":
+        raise DfadError(f"{path} is not a dfad-edge bench report.json")
+    return report
+
+
+def _machine(report: dict) -> str:
+    gpu = report["env"].get("gpu")
+    return gpu["name"] if gpu else report["env"]["cpu"]
+
+
+def compare_reports(first: dict, second: dict, first_label: str = "A", second_label: str = "B") -> str:
+    lines = [f"A = {first_label} ({_machine(first)}), B = {second_label} ({_machine(second)})", "",
+             "| model | backend | precision | top-1 A | top-1 B | batch | p50 ms A | p50 ms B | B/A |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for row in _ran(first):
+        other = _find(second, row["model"], row["backend"], row["precision"])
+        if other is None:
+            lines.append(f"| {row['model']} | {row['backend']} | {row['precision']} | {row['accuracy']['100%']:.2%} | "
+                         "not in B | | | | |")
+            continue
+        for batch in sorted(set(row["latency_ms"]) & set(other["latency_ms"]), key=int):
+            a, b = row["latency_ms"][batch]["p50"], other["latency_ms"][batch]["p50"]
+            lines.append(f"| {row['model']} | {row['backend']} | {row['precision']} | {row['accuracy']['100%']:.2%} | "
+                         f"{other['accuracy']['100%']:.2%} | {batch} | {a:.3f} | {b:.3f} | {b / a:.2f} |")
+    return "\n".join(lines) + "\n"

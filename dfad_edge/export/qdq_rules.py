@@ -1,0 +1,123 @@
+"""TensorRT's explicit-quantization rules, checked on a QDQ ONNX graph before anyone builds an engine from it.
+
+TensorRT (10 and 11) rejects non-zero zero-points and unsigned INT8, needs per-tensor activation scales, and fuses
+a residual Add into the INT8 convolution only when both Add inputs arrive through Q/DQ pairs.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
+
+
+def _initializers(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+
+
+def _constant_outputs(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    values = {}
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            for attribute in node.attribute:
+                if attribute.name == "value":
+                    values[node.output[0]] = numpy_helper.to_array(attribute.t)
+    return values
+
+
+def tensorrt_qdq_violations(model: onnx.ModelProto) -> list[str]:
+    """Every way this graph breaks TensorRT's explicit-quantization rules (empty list: it complies)."""
+    constants = {**_initializers(model), **_constant_outputs(model)}
+    producers = {output: node for node in model.graph.node for output in node.output}
+    violations: list[str] = []
+    qdq_nodes = [n for n in model.graph.node if n.op_type in QDQ_OPS]
+    if not qdq_nodes:
+        return ["no QuantizeLinear/DequantizeLinear nodes: this is not an explicitly quantized (QDQ) graph"]
+    for node in qdq_nodes:
+        violations += _zero_point_violations(node, constants)
+        violations += _scale_violations(node, constants)
+    for node in model.graph.node:
+        if node.op_type == "Conv":
+            violations += _conv_violations(node, producers, constants)
+        elif node.op_type == "Add":
+            violations += _residual_add_violations(node, producers, constants)
+    return violations
+
+
+def _zero_point_violations(node: onnx.NodeProto, constants: dict) -> list[str]:
+    if len(node.input) < 3 or not node.input[2]:
+        return []  # an absent zero-point means 0 of type uint8 only for QuantizeLinear output; checked via scale
+    zero_point = constants.get(node.input[2])
+    if zero_point is None:
+        return [f"{node.name}: zero-point is not a constant"]
+    problems = []
+    if zero_point.dtype == np.int32:
+        problems.append(f"{node.name}: int32 (bias) DequantizeLinear, which TensorRT's parser rejects; keep biases float")
+    elif zero_point.dtype != np.int8:
+        problems.append(f"{node.name}: zero-point type {zero_point.dtype} (TensorRT needs signed int8)")
+    if np.any(zero_point != 0):
+        problems.append(f"{node.name}: non-zero zero-point {zero_point.flatten()[:4].tolist()}")
+    return problems
+
+
+def _scale_violations(node: onnx.NodeProto, constants: dict) -> list[str]:
+    scale = constants.get(node.input[1])
+    if scale is None:
+        return [f"{node.name}: scale is not a constant"]
+    if np.any(scale <= 0):
+        return [f"{node.name}: non-positive scale"]
+    return []
+
+
+def _is_weight(tensor_name: str, producers: dict, constants: dict) -> bool:
+    """A weight is a constant, possibly behind a DequantizeLinear whose input is constant."""
+    if tensor_name in constants:
+        return True
+    producer = producers.get(tensor_name)
+    return producer is not None and producer.op_type == "DequantizeLinear" and producer.input[0] in constants
+
+
+def _dequantized(tensor_name: str, producers: dict) -> onnx.NodeProto | None:
+    producer = producers.get(tensor_name)
+    return producer if producer is not None and producer.op_type == "DequantizeLinear" else None
+
+
+def _conv_violations(node: onnx.NodeProto, producers: dict, constants: dict) -> list[str]:
+    activation_dq = _dequantized(node.input[0], producers)
+    weight_dq = _dequantized(node.input[1], producers)
+    if activation_dq is None and weight_dq is None:
+        return []  # kept in float on purpose (first and last layers): TensorRT runs it in FP16/FP32
+    if activation_dq is None or weight_dq is None:
+        missing = "input activation" if activation_dq is None else "weight"
+        return [f"Conv {node.name}: half-quantized, its {missing} has no Q/DQ"]
+    problems = []
+    activation_scale = constants.get(activation_dq.input[1])
+    if activation_scale is not None and activation_scale.size != 1:
+        problems.append(f"Conv {node.name}: activation scale is not per-tensor")
+    weight_scale = constants.get(weight_dq.input[1])
+    out_channels = constants[weight_dq.input[0]].shape[0] if weight_dq.input[0] in constants else None
+    if weight_scale is not None and out_channels and out_channels > 1 and weight_scale.size != out_channels:
+        problems.append(f"Conv {node.name}: weight scale is not per-channel ({weight_scale.size} for {out_channels})")
+    return problems
+
+
+def _residual_add_violations(node: onnx.NodeProto, producers: dict, constants: dict) -> list[str]:
+    activation_inputs = [name for name in node.input if not _is_weight(name, producers, constants)]
+    if len(activation_inputs) < 2:
+        return []  # a bias add, not a residual join
+    missing = [name for name in activation_inputs if _dequantized(name, producers) is None]
+    if missing:
+        return [f"residual Add {node.name}: input(s) {missing} lack Q/DQ, so TensorRT cannot fuse it into the INT8 conv"]
+    return []
+
+
+def qdq_summary(model: onnx.ModelProto) -> dict:
+    counts = Counter(node.op_type for node in model.graph.node)
+    producers = {output: node for node in model.graph.node for output in node.output}
+    float_convs = [n.name for n in model.graph.node if n.op_type == "Conv" and _dequantized(n.input[0], producers) is None]
+    return {"float_convs": len(float_convs),"quantize_linear": counts["QuantizeLinear"], "dequantize_linear": counts["DequantizeLinear"],
+            "conv": counts["Conv"], "add": counts["Add"], "nodes": sum(counts.values())}
