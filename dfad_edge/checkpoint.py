@@ -7,6 +7,7 @@ A checkpoint holds only plain Python types and tensors, so it always loads with
 from __future__ import annotations
 
 import pickle
+import re
 import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -104,13 +105,15 @@ def safe_torch_load(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "Weights only load failed" in str(exc) or "Unsupported global" in str(exc):
+        code_reference = re.search(r"GLOBAL (\S+)", str(exc))
+        if code_reference:
             raise DfadError(
-                f"refused to load {path}: it contains Python objects other than tensors and plain data, "
-                "which could run arbitrary code when unpickled. Re-save only the state_dict "
-                "(torch.save(model.state_dict(), ...)) from a trusted environment."
+                f"refused to load {path}: it references Python code ({code_reference.group(1)}), which could run "
+                "arbitrary commands when unpickled. Re-save only the state_dict (torch.save(model.state_dict(), ...)) "
+                "from a trusted environment."
             ) from None
-        raise DfadError(f"{path} is not a readable PyTorch checkpoint (corrupt or truncated?): {exc}") from None
+        raise DfadError(f"{path} is not a readable PyTorch checkpoint (corrupt, truncated, or not saved with "
+                        "torch.save)") from None
     except (RuntimeError, zipfile.BadZipFile, EOFError, ValueError, OSError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DfadError(f"{path} is not a readable PyTorch checkpoint (corrupt or truncated?): {first_line}") from None

@@ -328,3 +328,19 @@ def bench_compare(first: Path = typer.Argument(..., help="A/report.json"), secon
     out_console.print(text, markup=False, highlight=False, soft_wrap=True)
     if out:
         atomic_write_text(out, text)
+
+
+@command()
+def quickstart(out: Path = typer.Option(Path("runs/quickstart"), "--out", help="where everything is written"),
+               seed: int = typer.Option(0, "--seed"), device: str = DeviceOpt,
+               force: bool = typer.Option(False, "--force", help="replace an existing --out")) -> None:
+    """The whole pipeline on built-in digits (no download, a few minutes on a CPU): teacher, data-free distillation,
+    ONNX/FP16/INT8 export, bench, and the student-vs-teacher table."""
+    from .quickstart import run_quickstart
+
+    summary = run_quickstart(out, seed, device, force)
+    out_console.print(Path(summary["report"]).read_text(), markup=False, highlight=False, soft_wrap=True)
+    out_console.print(f"student keeps {summary['kept']:.1%} of the teacher's accuracy "
+                      f"({summary['student_accuracy']:.2%} vs {summary['teacher_accuracy']:.2%}), with no training data.")
+    out_console.print(f"files: {out}/teacher, {out}/distill (run folder), {out}/export-student, {out}/export-teacher, "
+                      f"{out}/bench (report.md, report.json, tradeoff.png)")

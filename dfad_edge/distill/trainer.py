@@ -6,6 +6,7 @@ Run folder: config.json, metrics.jsonl, student.pt, generator.pt, last.pt, sampl
 from __future__ import annotations
 
 import copy
+import json
 import signal
 import threading
 import time
@@ -21,7 +22,7 @@ from ..checkpoint import InputSpec, ModelCheckpoint, load_checkpoint, model_chec
 from ..data import check_compatible, make_loader, resolve_source
 from ..errors import DfadError
 from ..evaluate import collect_predictions, split_accuracy, torch_predictor
-from ..io import append_jsonl, atomic_torch_save, atomic_write_json
+from ..io import append_jsonl, atomic_torch_save, atomic_write_json, atomic_write_text
 from ..models import create_model, default_input_size
 from ..progress import log, new_progress
 from ..runtime import autocast, autocast_dtype, resolve_device, restore_rng_state, rng_state, seed_everything
@@ -300,7 +301,16 @@ class DistillRun:
             self.replay.images = self.replay.images.to(self.device)
         restore_rng_state(state["rng"])
         self.best, self.teacher_accuracy, self.elapsed_s = state["best"], state["teacher_accuracy"], state["elapsed_s"]
+        self._drop_metrics_after(state["epoch"])
         return state["epoch"], state["iteration"], state["accumulators"]
+
+    def _drop_metrics_after(self, epoch: int) -> None:
+        """A hard kill between writing an epoch's metrics and its checkpoint would otherwise log that epoch twice."""
+        metrics = self.out / "metrics.jsonl"
+        if not metrics.exists():
+            return
+        kept = [line for line in metrics.read_text().splitlines() if line.strip() and json.loads(line)["epoch"] <= epoch]
+        atomic_write_text(metrics, "".join(line + "\n" for line in kept))
 
     # --- the run ---------------------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -395,6 +405,8 @@ class DistillRun:
         elif self.eval_source is None:
             self.best = {"epoch": epoch, "accuracy": None}
             self.save_student_and_generator(epoch, None)
+            log(f"epoch {epoch}: student loss {record['loss_student']:.4f}, classes {diagnostics['classes_predicted']}/"
+                f"{self.num_classes}, entropy {diagnostics['class_entropy']:.2f}, diversity {diagnostics['image_diversity']:.2f}")
         record["best_epoch"] = self.best["epoch"]
         append_jsonl(self.out / "metrics.jsonl", record)
 

@@ -78,6 +78,9 @@ def build_engine(onnx_path: Path, engine_path: Path, precision: str, batch_range
     _parse_onnx(trt, network, logger, onnx_path)
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
+    if hasattr(trt, "ProfilingVerbosity"):
+        # Lets tools/trt_layer_precisions.py show which precision each layer really runs in.
+        config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
     cache_path = engine_path.parent / "timing.cache"
     cache = _load_timing_cache(config, cache_path)
     profile = builder.create_optimization_profile()

@@ -1,0 +1,62 @@
+"""Shared fixtures. Tests that need ../shared skip with a reason when it is absent (e.g. on a user's machine)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+os.environ.setdefault("DFAD_EDGE_QUIET", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("DFAD_EDGE_SHARED", REPO.parent / "shared"))
+CIFAR10_JPEG = SHARED / "data" / "cifar10-jpeg"
+RESNET_WEIGHTS = SHARED / "weights" / "cifar10-resnet"
+CIFAR10_CLASSES = "airplane,automobile,bird,cat,deer,dog,frog,horse,ship,truck"
+IMAGENET_MEAN, IMAGENET_STD = "0.485,0.456,0.406", "0.229,0.224,0.225"
+
+needs_shared = pytest.mark.skipif(not (CIFAR10_JPEG / "test").is_dir() or not RESNET_WEIGHTS.is_dir(),
+                                  reason="../shared (CIFAR-10 JPEG and pretrained ResNets) is not available here")
+
+
+def run_cli(*args: str):
+    from dfad_edge.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def shared_weight(prefix: str) -> Path:
+    return next(RESNET_WEIGHTS.glob(f"{prefix}-*.th"))
+
+
+@pytest.fixture(scope="session")
+def digits_teacher(tmp_path_factory) -> Path:
+    """A digits teacher trained the way a user would (train-teacher), shared by the tests that need one."""
+    from dfad_edge.train_teacher import TeacherConfig, train_teacher
+
+    out = tmp_path_factory.mktemp("digits-teacher")
+    train_teacher(TeacherConfig(data="digits", arch="digits_cnn", epochs=20, batch_size=64, lr=0.05, device="cpu"), out)
+    return out / "teacher.pt"
+
+
+@pytest.fixture(scope="session")
+def distilled_digits(tmp_path_factory, digits_teacher) -> Path:
+    """A run folder of the digits preset (seed 0): student.pt, generator.pt, metrics, samples."""
+    from dfad_edge.distill import DistillRun, preset_config
+
+    out = tmp_path_factory.mktemp("digits-distill") / "run"
+    DistillRun(preset_config("digits", device="cpu"), digits_teacher, out, eval_data="digits").run()
+    return out
+
+
+@pytest.fixture(scope="session")
+def imported_resnet56(tmp_path_factory) -> Path:
+    if not RESNET_WEIGHTS.is_dir():
+        pytest.skip("../shared weights are not available here")
+    out = tmp_path_factory.mktemp("resnet56") / "teacher.pt"
+    result = run_cli("import", shared_weight("resnet56"), "--arch", "resnet56", "--mean", IMAGENET_MEAN,
+                     "--std", IMAGENET_STD, "--classes", CIFAR10_CLASSES, "--out", out)
+    assert result.exit_code == 0, result.output
+    return out

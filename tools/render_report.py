@@ -1,0 +1,26 @@
+"""Re-render report.md and tradeoff.png from a bench report.json (e.g. one copied back from a Jetson).
+
+    python tools/render_report.py path/to/report.json [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from dfad_edge.bench.report import load_report, write_reports
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("report", type=Path)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    out = args.out or args.report.parent
+    out.mkdir(parents=True, exist_ok=True)
+    write_reports(load_report(args.report), out)
+    print(f"wrote {out / 'report.md'} and {out / 'tradeoff.png'}")
+
+
+if __name__ == "__main__":
+    main()

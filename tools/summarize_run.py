@@ -1,0 +1,70 @@
+"""Summarise a distillation run folder: accuracy against training time and the mode-collapse diagnostics.
+
+    python tools/summarize_run.py RUN_DIR [--plot RUN_DIR/progress.png]
+
+Prints a Markdown table (one row per epoch) and, with matplotlib installed, plots accuracy and class entropy
+against training minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def load_metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def markdown(metrics: list[dict]) -> str:
+    lines = ["| epoch | train min | student top-1 | student loss | classes hit | class entropy | image diversity | warning |",
+             "|---|---|---|---|---|---|---|---|"]
+    for m in metrics:
+        accuracy = f"{m['accuracy']['100%']:.2%}" if m.get("accuracy") else ""
+        c = m["collapse"]
+        lines.append(f"| {m['epoch']} | {m['elapsed_s'] / 60:.1f} | {accuracy} | {m['loss_student']:.3f} | "
+                     f"{c['classes_predicted']} | {c['class_entropy']:.2f} | {c['image_diversity']:.2f} | "
+                     f"{'yes' if m.get('warning') else ''} |")
+    return "\n".join(lines)
+
+
+def plot(metrics: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    evaluated = [m for m in metrics if m.get("accuracy")]
+    figure, left = plt.subplots(figsize=(7, 4))
+    left.plot([m["elapsed_s"] / 60 for m in evaluated], [100 * m["accuracy"]["100%"] for m in evaluated], "o-",
+              color="tab:blue", label="student top-1 (%)")
+    left.set_xlabel("training time (min)")
+    left.set_ylabel("student top-1 (%)")
+    right = left.twinx()
+    right.plot([m["elapsed_s"] / 60 for m in metrics], [m["collapse"]["class_entropy"] for m in metrics], "s--",
+               color="tab:orange", label="class entropy (1 = balanced)")
+    right.set_ylim(0, 1.05)
+    right.set_ylabel("teacher class entropy on synthetic images")
+    figure.legend(loc="lower right")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run", type=Path)
+    parser.add_argument("--plot", type=Path)
+    args = parser.parse_args()
+    metrics = load_metrics(args.run)
+    print(markdown(metrics))
+    result = args.run / "result.json"
+    if result.exists():
+        print("\n" + result.read_text())
+    if args.plot:
+        plot(metrics, args.plot)
+        print(f"saved {args.plot}")
+
+
+if __name__ == "__main__":
+    main()
