@@ -31,7 +31,7 @@ dfad-edge eval "$ROOT/teacher/teacher.pt" --data cifar100 --data-dir "$DATA_DIR"
 # 2. Distillation: the paper's recipe plus the remedies (BN-statistics matching, class balance, replay),
 #    or the plain recipe with PLAIN=1. The CIFAR-100 test set is used only to pick the best epoch and report.
 RUN="$ROOT/distill"
-REMEDIES="--bn-stats 1 --class-balance 1 --replay 16384"
+REMEDIES="--bn-stats 10 --class-balance 1 --replay 16384"
 [ -n "${PLAIN:-}" ] && { RUN="$ROOT/distill-plain"; REMEDIES=""; }
 if [ ! -f "$RUN/result.json" ]; then
   if [ -f "$RUN/last.pt" ]; then

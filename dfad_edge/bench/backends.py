@@ -25,6 +25,7 @@ class InferenceBackend(ABC):
     device: str
     artifact: Path | None = None
     threads: int | None = None
+    max_batch: int | None = None  # engines are built for a batch range; None = any batch
 
     @abstractmethod
     def predict(self, images: np.ndarray) -> np.ndarray:
@@ -151,9 +152,10 @@ class TensorRTBackend(InferenceBackend):
         if not engine_path.is_file():
             raise BackendUnavailable(f"{engine_path.name} not found (run dfad-edge export --tensorrt on this machine)")
         try:
-            check_engine_compatible(engine_path, trt.__version__, gpu)
+            sidecar = check_engine_compatible(engine_path, trt.__version__, gpu)
         except DfadError as exc:
             raise BackendUnavailable(str(exc)) from None
+        self.max_batch = sidecar["batch_range"][-1]
         logger = trt.Logger(trt.Logger.WARNING)
         self.engine = trt.Runtime(logger).deserialize_cuda_engine(engine_path.read_bytes())
         if self.engine is None:

@@ -31,8 +31,11 @@ def host_latency_ms(backend: InferenceBackend, images: np.ndarray, iterations: i
 def measure(backend: InferenceBackend, sample_shape: tuple[int, ...], batch_sizes: list[int], iterations: int,
             warmup: int, seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
-    latency, compute, throughput = {}, {}, {}
+    latency, compute, throughput, skipped = {}, {}, {}, {}
     for batch_size in batch_sizes:
+        if backend.max_batch is not None and batch_size > backend.max_batch:
+            skipped[str(batch_size)] = f"above the engine's maximum batch {backend.max_batch} (export --max-batch)"
+            continue
         images = rng.standard_normal((batch_size, *sample_shape), dtype=np.float32)
         host = percentiles(host_latency_ms(backend, images, iterations, warmup))
         latency[str(batch_size)] = host
@@ -40,4 +43,7 @@ def measure(backend: InferenceBackend, sample_shape: tuple[int, ...], batch_size
         device_times = backend.device_compute_ms(images, iterations, warmup)
         if device_times is not None:
             compute[str(batch_size)] = percentiles(device_times)
-    return {"latency_ms": latency, "compute_ms": compute or None, "throughput_ips": throughput}
+    result = {"latency_ms": latency, "compute_ms": compute or None, "throughput_ips": throughput}
+    if skipped:
+        result["batch_sizes_skipped"] = skipped
+    return result

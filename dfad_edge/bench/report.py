@@ -26,6 +26,11 @@ def _largest_batch(row: dict) -> str:
     return max(row["latency_ms"], key=int)
 
 
+def _shared_batches(first: dict, second: dict) -> list[str]:
+    """Batch sizes measured in both rows (an engine may be limited to a smaller batch range)."""
+    return sorted(set(first["latency_ms"]) & set(second["latency_ms"]), key=int)
+
+
 def results_table(report: dict) -> list[str]:
     lines = ["| model | backend | precision | top-1 10% | top-1 20% | top-1 100% | agrees w/ teacher | agrees w/ own FP32 "
              "| p50 ms (batch 1) | p90 ms (batch 1) | p50 ms (largest batch) | img/s (largest batch) | MiB |",
@@ -49,6 +54,9 @@ def headline(report: dict) -> list[str]:
     if baseline is None or not students:
         return []
     first = min(baseline["latency_ms"], key=int)
+    students = [r for r in students if first in r["latency_ms"]]
+    if not students:
+        return []
     best = min(students, key=lambda r: r["latency_ms"][first]["p50"])
     speedup = baseline["latency_ms"][first]["p50"] / best["latency_ms"][first]["p50"]
     return [f"**Fastest student ({best['backend']} {best['precision']}) vs teacher (torch fp32):** "
@@ -63,9 +71,10 @@ def student_vs_teacher_table(report: dict) -> list[str]:
              "|---|---|---|---|---|---|---|---|"]
     for student in (r for r in _ran(report) if r["model"] == "student"):
         teacher = _find(report, "teacher", student["backend"], student["precision"])
-        if teacher is None:
+        batches = _shared_batches(student, teacher) if teacher else []
+        if not batches:
             continue
-        first, largest = min(student["latency_ms"], key=int), _largest_batch(student)
+        first, largest = batches[0], batches[-1]
         speedup = teacher["latency_ms"][first]["p50"] / student["latency_ms"][first]["p50"]
         throughput = student["throughput_ips"][largest] / teacher["throughput_ips"][largest]
         kept = student["accuracy"]["100%"] / max(teacher["accuracy"]["100%"], 1e-9)

@@ -107,9 +107,9 @@ def load_test_set(model: BenchModel, source, cache: dict) -> tuple[np.ndarray, n
 
 
 def predict_all(backend: InferenceBackend, images: np.ndarray, description: str) -> np.ndarray:
-    starts = range(0, len(images), ACCURACY_BATCH)
-    return np.concatenate([backend.predict(images[s:s + ACCURACY_BATCH]).argmax(1)
-                           for s in track(starts, len(starts), description)])
+    batch = min(ACCURACY_BATCH, backend.max_batch or ACCURACY_BATCH)
+    starts = range(0, len(images), batch)
+    return np.concatenate([backend.predict(images[s:s + batch]).argmax(1) for s in track(starts, len(starts), description)])
 
 
 def model_facts(model: BenchModel) -> dict:

@@ -57,4 +57,4 @@ def collapse_warning(diagnostics: dict, num_classes: int) -> str | None:
     if not reasons:
         return None
     return ("possible mode collapse: " + "; ".join(reasons) +
-            ". Try --bn-stats 1 / --class-balance 1 / --replay 4096 (see README, 'Mode collapse').")
+            ". Try --bn-stats 10 / --class-balance 1 / --replay 8192 (see README, 'Mode collapse').")
