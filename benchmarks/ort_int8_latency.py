@@ -53,7 +53,7 @@ def main() -> None:
                 images = np.random.default_rng(0).standard_normal((batch, *session.input_shape), dtype=np.float32)
                 stats = percentiles(host_latency_ms(session, images, args.iterations, args.warmup))
                 rows.append({"model": arch, "graph": label, "batch": batch, **stats})
-    print(f"| model | graph | batch | p50 ms | p90 ms | vs fp32 |\n|---|---|---|---|---|---|")
+    print("| model | graph | batch | p50 ms | p90 ms | vs fp32 |\n|---|---|---|---|---|---|")
     for row in rows:
         base = next(r for r in rows if r["model"] == row["model"] and r["batch"] == row["batch"] and r["graph"] == "fp32")
         print(f"| {row['model']} | {row['graph']} | {row['batch']} | {row['p50']:.3f} | {row['p90']:.3f} | "

@@ -213,6 +213,7 @@ def distill(
 
     if resume:
         config = DistillConfig()  # replaced by the config saved in --out
+        err_console.print(f"resuming with the configuration saved in {out}; other distill options are ignored")
     else:
         chosen = preset if preset != "auto" else _preset_for(load_checkpoint(teacher))
         overrides = dict(student_arch=student, epochs=epochs, iters_per_epoch=iters_per_epoch, batch_size=batch_size,

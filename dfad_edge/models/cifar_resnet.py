@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .blocks import BasicBlock
 from .registry import register_model
 
 
@@ -25,20 +26,9 @@ class PadShortcut(nn.Module):
         return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, half, self.extra_channels - half))
 
 
-class BasicBlockA(nn.Module):
-    def __init__(self, in_planes: int, planes: int, stride: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        needs_projection = stride != 1 or in_planes != planes
-        self.shortcut = PadShortcut(planes - in_planes) if needs_projection else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
+def option_a_block(in_planes: int, planes: int, stride: int) -> BasicBlock:
+    needs_projection = stride != 1 or in_planes != planes
+    return BasicBlock(in_planes, planes, stride, PadShortcut(planes - in_planes) if needs_projection else nn.Identity())
 
 
 class CifarResNet(nn.Module):
@@ -56,8 +46,8 @@ class CifarResNet(nn.Module):
 
     @staticmethod
     def _stage(in_planes: int, planes: int, count: int, stride: int) -> nn.Sequential:
-        blocks = [BasicBlockA(in_planes, planes, stride)]
-        blocks += [BasicBlockA(planes, planes, 1) for _ in range(count - 1)]
+        blocks = [option_a_block(in_planes, planes, stride)]
+        blocks += [option_a_block(planes, planes, 1) for _ in range(count - 1)]
         return nn.Sequential(*blocks)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:

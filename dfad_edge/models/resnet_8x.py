@@ -10,26 +10,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .blocks import BasicBlock
 from .registry import register_model
 
 
-class BasicBlock(nn.Module):
-    def __init__(self, in_planes: int, planes: int, stride: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or in_planes != planes:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes)
-            )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
+def projection_block(in_planes: int, planes: int, stride: int) -> BasicBlock:
+    """A 1x1 conv + BN shortcut where the shape changes (named shortcut.0 / shortcut.1, as in DFAD's checkpoints)."""
+    shortcut = nn.Sequential()
+    if stride != 1 or in_planes != planes:
+        shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+    return BasicBlock(in_planes, planes, stride, shortcut)
 
 
 class ResNet8x(nn.Module):
@@ -47,7 +37,7 @@ class ResNet8x(nn.Module):
     def _stage(self, planes: int, count: int, stride: int) -> nn.Sequential:
         layers = []
         for block_stride in [stride] + [1] * (count - 1):
-            layers.append(BasicBlock(self.in_planes, planes, block_stride))
+            layers.append(projection_block(self.in_planes, planes, block_stride))
             self.in_planes = planes
         return nn.Sequential(*layers)
 
