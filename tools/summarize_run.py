@@ -46,7 +46,8 @@ def plot(metrics: list[dict], path: Path) -> None:
                color="tab:orange", label="class entropy (1 = balanced)")
     right.set_ylim(0, 1.05)
     right.set_ylabel("teacher class entropy on synthetic images")
-    figure.legend(loc="lower right")
+    handles = left.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
+    left.legend(handles, [h.get_label() for h in handles], loc="center right")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
 

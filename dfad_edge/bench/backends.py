@@ -165,7 +165,6 @@ class TensorRTBackend(InferenceBackend):
         self.input_name = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
         self.output_name = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
         self.precision, self.device, self.artifact = precision, "cuda", engine_path
-        self.stream = torch.cuda.Stream()
 
     def _bind(self, device_input: torch.Tensor) -> torch.Tensor:
         self.context.set_input_shape(self.input_name, tuple(device_input.shape))
