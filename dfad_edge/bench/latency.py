@@ -28,22 +28,37 @@ def host_latency_ms(backend: InferenceBackend, images: np.ndarray, iterations: i
     return times
 
 
-def measure(backend: InferenceBackend, sample_shape: tuple[int, ...], batch_sizes: list[int], iterations: int,
-            warmup: int, seed: int = 0) -> dict:
-    rng = np.random.default_rng(seed)
-    latency, compute, throughput, skipped = {}, {}, {}, {}
-    for batch_size in batch_sizes:
-        if backend.max_batch is not None and batch_size > backend.max_batch:
-            skipped[str(batch_size)] = f"above the engine's maximum batch {backend.max_batch} (export --max-batch)"
-            continue
-        images = rng.standard_normal((batch_size, *sample_shape), dtype=np.float32)
-        host = percentiles(host_latency_ms(backend, images, iterations, warmup))
-        latency[str(batch_size)] = host
-        throughput[str(batch_size)] = round(batch_size / (host["p50"] / 1000.0), 1)
-        device_times = backend.device_compute_ms(images, iterations, warmup)
-        if device_times is not None:
-            compute[str(batch_size)] = percentiles(device_times)
-    result = {"latency_ms": latency, "compute_ms": compute or None, "throughput_ips": throughput}
-    if skipped:
-        result["batch_sizes_skipped"] = skipped
-    return result
+def _batch(shape: tuple[int, ...], batch_size: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((batch_size, *shape), dtype=np.float32)
+
+
+def measure_interleaved(backends: dict[str, tuple[InferenceBackend, tuple[int, ...]]], batch_sizes: list[int],
+                        iterations: int, warmup: int, rounds: int = 5, seed: int = 0) -> dict[str, dict]:
+    """Time every backend in several rounds that alternate between them, so slow drift on a shared machine
+    (noisy neighbours, thermal or power states) is spread over all rows instead of skewing whichever ran then."""
+    per_round = max(1, -(-iterations // rounds))
+    host: dict[str, dict[str, list[float]]] = {key: {} for key in backends}
+    skipped: dict[str, dict[str, str]] = {key: {} for key in backends}
+    for round_index in range(rounds):
+        for key, (backend, shape) in backends.items():
+            for batch_size in batch_sizes:
+                if backend.max_batch is not None and batch_size > backend.max_batch:
+                    skipped[key][str(batch_size)] = f"above the engine's maximum batch {backend.max_batch} (export --max-batch)"
+                    continue
+                images = _batch(shape, batch_size, seed)
+                times = host_latency_ms(backend, images, per_round, warmup if round_index == 0 else 1)
+                host[key].setdefault(str(batch_size), []).extend(times)
+    results = {}
+    for key, (backend, shape) in backends.items():
+        latency = {batch: percentiles(times) for batch, times in host[key].items()}
+        compute = {}
+        for batch in latency:
+            device_times = backend.device_compute_ms(_batch(shape, int(batch), seed), iterations, warmup)
+            if device_times is not None:
+                compute[batch] = percentiles(device_times)
+        results[key] = {"latency_ms": latency, "compute_ms": compute or None,
+                        "throughput_ips": {batch: round(int(batch) / (stats["p50"] / 1000.0), 1)
+                                           for batch, stats in latency.items()}}
+        if skipped[key]:
+            results[key]["batch_sizes_skipped"] = skipped[key]
+    return results

@@ -19,7 +19,7 @@ from ..io import atomic_write_json
 from ..progress import log, track
 from ..runtime import resolve_device
 from .backends import BackendUnavailable, InferenceBackend, OnnxRuntimeBackend, TensorRTBackend, TorchBackend
-from .latency import measure
+from .latency import measure_interleaved
 from .size import MACS_CONVENTION, count_macs, count_parameters
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
@@ -124,13 +124,14 @@ def model_facts(model: BenchModel) -> dict:
             "macs_convention": MACS_CONVENTION, "input_spec": vars(model.checkpoint.input_spec), "artifacts": artifacts}
 
 
-def run_row(model: BenchModel, backend_name: str, precision: str, device: torch.device, options: BenchOptions,
-            test_set: tuple[np.ndarray, np.ndarray], references: dict[str, np.ndarray]) -> dict:
+def accuracy_row(model: BenchModel, backend_name: str, precision: str, device: torch.device,
+                 test_set: tuple[np.ndarray, np.ndarray], references: dict[str, np.ndarray]) -> tuple[dict, InferenceBackend | None]:
+    """The row's accuracy and agreement figures, and the backend for timing later (None when it cannot run here)."""
     row = {"model": model.role, "backend": backend_name, "precision": precision, "device": device.type}
     try:
         backend = make_backend(model, backend_name, precision, device)
     except BackendUnavailable as exc:
-        return {**row, "skipped": str(exc)}
+        return {**row, "skipped": str(exc)}, None
     images, labels = test_set
     predictions = predict_all(backend, images, f"{model.role} {backend_name} {precision}")
     accuracy, sizes = split_accuracy(torch.from_numpy(predictions), torch.from_numpy(labels))
@@ -141,10 +142,8 @@ def run_row(model: BenchModel, backend_name: str, precision: str, device: torch.
         "agreement": {"teacher": split_agreement(torch.from_numpy(predictions), torch.from_numpy(references["teacher"])),
                       "fp32": split_agreement(torch.from_numpy(predictions), torch.from_numpy(references[model.role]))},
     })
-    row.update(measure(backend, model.checkpoint.input_spec.shape, options.batch_sizes, options.iterations, options.warmup))
     row["bytes"] = (backend.artifact or model.checkpoint_path).stat().st_size
-    row["peak_device_memory_bytes"] = backend.peak_device_memory_bytes()
-    return row
+    return row, backend
 
 
 def run_bench(teacher_path: Path, student_path: Path, data: str, out: Path, options: BenchOptions) -> dict:
@@ -165,14 +164,22 @@ def run_bench(teacher_path: Path, student_path: Path, data: str, out: Path, opti
     # Reference predictions: each model in PyTorch FP32 on this device (for "agreement with FP32" and "with the teacher").
     references = {m.role: predict_all(TorchBackend(m.checkpoint.build_model(), "fp32", device), test_sets[m.role][0],
                                       f"{m.role} reference") for m in models}
-    results = []
+    results, timed = [], {}
     for model in models:
         for backend_name in options.backends:
             for precision in options.precisions:
-                row = run_row(model, backend_name, precision, device, options, test_sets[model.role], references)
-                if "skipped" in row:
+                row, backend = accuracy_row(model, backend_name, precision, device, test_sets[model.role], references)
+                if backend is None:
                     log(f"skip {model.role} {backend_name} {precision}: {row['skipped']}")
+                else:
+                    timed[len(results)] = (backend, model.checkpoint.input_spec.shape)
                 results.append(row)
+    log(f"timing {len(timed)} rows in interleaved rounds")
+    latencies = measure_interleaved({str(i): entry for i, entry in timed.items()}, options.batch_sizes,
+                                    options.iterations, options.warmup)
+    for index, (backend, _shape) in timed.items():
+        results[index].update(latencies[str(index)])
+        results[index]["peak_device_memory_bytes"] = backend.peak_device_memory_bytes()
     report = {"schema": SCHEMA, "env": collect_environment(), "data": data, "settings": asdict(options),
               "models": {m.role: model_facts(m) for m in models}, "results": results}
     atomic_write_json(out / "report.json", report)
