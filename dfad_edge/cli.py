@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from contextlib import contextmanager
 import json
 from pathlib import Path
 from typing import Callable, Optional
@@ -23,20 +24,27 @@ out_console = Console()
 err_console = Console(stderr=True)
 
 
+@contextmanager
+def user_errors():
+    """A DfadError becomes one clear line and exit code 2, never a traceback; Ctrl-C exits with 130."""
+    try:
+        yield
+    except DfadError as exc:
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        err_console.print("[yellow]interrupted[/]")
+        raise typer.Exit(130) from None
+
+
 def command(target: typer.Typer = app, name: str | None = None, **kwargs) -> Callable:
-    """Register a subcommand whose DfadError becomes one clear line and exit code 2, never a traceback."""
+    """Register a subcommand that reports errors through user_errors()."""
 
     def decorator(fn: Callable) -> Callable:
         @functools.wraps(fn)
         def wrapper(*args, **kw):
-            try:
+            with user_errors():
                 return fn(*args, **kw)
-            except DfadError as exc:
-                err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
-                raise typer.Exit(2) from None
-            except KeyboardInterrupt:
-                err_console.print("[yellow]interrupted[/]")
-                raise typer.Exit(130) from None
 
         return target.command(name, **kwargs)(wrapper)
 
@@ -296,11 +304,8 @@ def bench(
     report.json, report.md and tradeoff.png. Rows that cannot run here are kept with the reason."""
     if ctx.invoked_subcommand is not None:
         return
-    try:
+    with user_errors():
         _run_bench(teacher, student, data, out, backends, precisions, batch_sizes, device, warmup, iterations, data_dir)
-    except DfadError as exc:
-        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
 
 
 def _run_bench(teacher, student, data, out, backends, precisions, batch_sizes, device, warmup, iterations, data_dir) -> None:

@@ -46,6 +46,12 @@ def torch_predictor(model: nn.Module, device: torch.device) -> Predictor:
     return predict
 
 
+def loader_accuracy(model: nn.Module, loader, device: torch.device, description: str = "eval") -> dict[str, float]:
+    """Top-1 on the 10/20/100% splits of a test loader."""
+    predictions, labels = collect_predictions(torch_predictor(model, device), loader, description)
+    return split_accuracy(predictions, labels)[0]
+
+
 def evaluate_model(model: nn.Module, checkpoint: ModelCheckpoint, source: DataSource, device: torch.device,
                    batch_size: int = 256, description: str = "eval") -> dict:
     check_compatible(source, checkpoint.input_spec, checkpoint.num_classes, checkpoint.class_names)

@@ -16,7 +16,7 @@ import torch.nn as nn
 from .checkpoint import InputSpec, model_checkpoint, safe_torch_load
 from .data import make_loader, resolve_source
 from .errors import DfadError
-from .evaluate import collect_predictions, split_accuracy, torch_predictor
+from .evaluate import loader_accuracy
 from .io import append_jsonl, atomic_torch_save, atomic_write_json
 from .models import create_model, default_input_size
 from .progress import log, new_progress
@@ -118,8 +118,7 @@ def train_teacher(config: TeacherConfig, out: Path, resume: bool = False) -> dic
                 total_loss += float(loss.detach()) * len(labels)
                 seen += len(labels)
                 progress.update(task, advance=1, status=f"loss {total_loss / seen:.3f}")
-            predictions, labels = collect_predictions(torch_predictor(model, device), test_loader, "  eval")
-            accuracy, _ = split_accuracy(predictions, labels)
+            accuracy = loader_accuracy(model, test_loader, device, "  eval")
             is_best = accuracy["100%"] > best_accuracy
             if is_best:
                 best_accuracy = accuracy["100%"]

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from ..errors import DfadError
+from ..export.onnx_export import ort_session
 
 
 class BackendUnavailable(Exception):
@@ -104,19 +105,16 @@ class OnnxRuntimeBackend(InferenceBackend):
             providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
         else:
             providers = ["CPUExecutionProvider"]
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        if device.type == "cpu":
-            # The same thread count as PyTorch, so CPU rows compare like with like.
-            options.intra_op_num_threads = torch.get_num_threads()
+        # On a CPU: the same thread count as PyTorch, so CPU rows compare like with like.
+        threads = torch.get_num_threads() if device.type == "cpu" else None
         try:
-            self.session = ort.InferenceSession(str(path), options, providers=providers)
+            self.session = ort_session(path, providers, threads)
         except Exception as exc:  # noqa: BLE001 - an unsupported graph on this provider is a skip, not a crash
             raise BackendUnavailable(f"onnxruntime cannot load {path.name} on {providers[0]}: {str(exc)[:200]}") from None
         self.precision, self.device, self.artifact = precision, device.type, path
         self.provider = self.session.get_providers()[0]
         self.input_name = self.session.get_inputs()[0].name
-        self.threads = options.intra_op_num_threads if device.type == "cpu" else None
+        self.threads = threads
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: images.astype(np.float32, copy=False)})[0]

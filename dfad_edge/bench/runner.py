@@ -133,16 +133,16 @@ def accuracy_row(model: BenchModel, backend_name: str, precision: str, device: t
     except BackendUnavailable as exc:
         return {**row, "skipped": str(exc)}, None
     images, labels = test_set
-    predictions = predict_all(backend, images, f"{model.role} {backend_name} {precision}")
-    accuracy, sizes = split_accuracy(torch.from_numpy(predictions), torch.from_numpy(labels))
+    predictions = torch.from_numpy(predict_all(backend, images, f"{model.role} {backend_name} {precision}"))
+    accuracy, sizes = split_accuracy(predictions, torch.from_numpy(labels))
+    artifact = backend.artifact or model.checkpoint_path
     row.update({
-        "artifact": str(backend.artifact) if backend.artifact else str(model.checkpoint_path),
+        "artifact": str(artifact), "bytes": artifact.stat().st_size,
         "provider": getattr(backend, "provider", None), "threads": backend.threads,
         "accuracy": accuracy, "images": sizes,
-        "agreement": {"teacher": split_agreement(torch.from_numpy(predictions), torch.from_numpy(references["teacher"])),
-                      "fp32": split_agreement(torch.from_numpy(predictions), torch.from_numpy(references[model.role]))},
+        "agreement": {"teacher": split_agreement(predictions, torch.from_numpy(references["teacher"])),
+                      "fp32": split_agreement(predictions, torch.from_numpy(references[model.role]))},
     })
-    row["bytes"] = (backend.artifact or model.checkpoint_path).stat().st_size
     return row, backend
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import signal
 import threading
 import time
@@ -21,7 +22,7 @@ from .. import __version__
 from ..checkpoint import InputSpec, ModelCheckpoint, load_checkpoint, model_checkpoint, safe_torch_load
 from ..data import check_compatible, make_loader, resolve_source
 from ..errors import DfadError
-from ..evaluate import collect_predictions, split_accuracy, torch_predictor
+from ..evaluate import loader_accuracy
 from ..io import append_jsonl, atomic_torch_save, atomic_write_json, atomic_write_text
 from ..models import create_model, default_input_size
 from ..progress import log, new_progress
@@ -130,8 +131,8 @@ class DistillRun:
         self.eval_source = resolve_source(eval_data, data_dir, download) if eval_data else None
         self.eval_data = eval_data
         seed_everything(config.seed)
-        self._build_models()
         self.student_spec = self._student_spec()
+        self._build_models()
         if self.eval_source is not None:
             check_compatible(self.eval_source, self.teacher_checkpoint.input_spec,
                              self.teacher_checkpoint.num_classes, self.teacher_checkpoint.class_names)
@@ -144,8 +145,7 @@ class DistillRun:
 
     def _build_models(self) -> None:
         config, teacher_ckpt = self.config, self.teacher_checkpoint
-        channels = teacher_ckpt.input_spec.channels
-        height, width = config.student_input_size or default_input_size(config.student_arch)
+        channels, height, width = self.student_spec.shape
         if height != width:
             raise DfadError(f"generator_a makes square images; the student input is {height}x{width}")
         self.num_classes = teacher_ckpt.num_classes
@@ -227,7 +227,7 @@ class DistillRun:
         student_losses = [self.student_step() for _ in range(self.config.student_steps)]
         terms = self.generator_step()
         terms["loss_student"] = sum(student_losses) / len(student_losses)
-        bad = [k for k, v in terms.items() if not torch.isfinite(torch.tensor(v))]
+        bad = [k for k, v in terms.items() if not math.isfinite(v)]
         if bad:
             raise FloatingPointError(", ".join(f"{k}={terms[k]}" for k in bad))
         return terms
@@ -249,16 +249,9 @@ class DistillRun:
             images.append(batch)
         return torch.cat(images), torch.cat(logits)
 
-    def evaluate_student(self) -> dict[str, float]:
-        loader = make_loader(self.eval_source, "test", self.student_spec, batch_size=256)
-        predictions, labels = collect_predictions(torch_predictor(self.student, self.device), loader, "  eval")
-        self.student.train()
-        return split_accuracy(predictions, labels)[0]
-
-    def evaluate_teacher(self) -> dict[str, float]:
-        loader = make_loader(self.eval_source, "test", self.teacher_checkpoint.input_spec, batch_size=256)
-        predictions, labels = collect_predictions(torch_predictor(self.teacher, self.device), loader, "  teacher eval")
-        return split_accuracy(predictions, labels)[0]
+    def evaluate(self, model: nn.Module, spec: InputSpec, description: str) -> dict[str, float]:
+        loader = make_loader(self.eval_source, "test", spec, batch_size=256)
+        return loader_accuracy(model, loader, self.device, description)
 
     def student_checkpoint(self, epoch: int, accuracy: dict | None) -> ModelCheckpoint:
         return model_checkpoint(
@@ -325,7 +318,7 @@ class DistillRun:
             (self.out / "metrics.jsonl").unlink(missing_ok=True)
             epoch, iteration, accumulators = 0, 0, {}
             if self.eval_source is not None:
-                self.teacher_accuracy = self.evaluate_teacher()
+                self.teacher_accuracy = self.evaluate(self.teacher, self.teacher_checkpoint.input_spec, "  teacher eval")
                 log(f"teacher top-1 on {self.eval_data}: {self.teacher_accuracy['100%']:.2%}")
             else:
                 log("no --eval-data: the last student is kept; no best-epoch selection is possible")
@@ -346,12 +339,11 @@ class DistillRun:
                             f"checkpoint {self.last_path} is kept. Lower --lr-student/--lr-generator or use --amp off."
                         ) from None
                     iteration += 1
+                    now = time.perf_counter()
+                    terms["seconds"], terms["iterations"], started = now - started, 1, now
                     for key, value in terms.items():
                         accumulators[key] = accumulators.get(key, 0.0) + value
-                    accumulators["iterations"] = accumulators.get("iterations", 0) + 1
-                    accumulators["seconds"] = accumulators.get("seconds", 0.0) + (time.perf_counter() - started)
-                    self.elapsed_s += time.perf_counter() - started
-                    started = time.perf_counter()
+                    self.elapsed_s += terms["seconds"]
                     progress.update(task, advance=1, status=self._status(terms, accumulators))
                     if stop_requested.is_set():
                         self.save_state(epoch, iteration, accumulators)
@@ -394,7 +386,8 @@ class DistillRun:
         self._save_samples(epoch, images, teacher_logits)
         accuracy = None
         if self.eval_source is not None and (epoch % config.eval_every == 0 or epoch == config.epochs):
-            accuracy = self.evaluate_student()
+            accuracy = self.evaluate(self.student, self.student_spec, "  eval")
+            self.student.train()
             record["accuracy"] = accuracy
             if self.best["accuracy"] is None or accuracy["100%"] > self.best["accuracy"]["100%"]:
                 self.best = {"epoch": epoch, "accuracy": accuracy}

@@ -45,26 +45,23 @@ def _generator_path(checkpoint_path: Path, options: ExportOptions) -> Path:
 
 
 def _calibration_images(checkpoint: ModelCheckpoint, checkpoint_path: Path, options: ExportOptions,
-                        count: int, seed: int) -> tuple[torch.Tensor, str]:
+                        count: int, seed: int, split: str | None = None) -> tuple[torch.Tensor, str]:
+    """Generator images, or real images from the --calib source (its train split unless another is named)."""
     spec = checkpoint.input_spec
     if options.calib == "generator":
         path = _generator_path(checkpoint_path, options)
         return generator_images(path, spec, count, seed), f"generator:{path}"
     data_dir = Path(options.data_dir) if options.data_dir else None
-    return (dataset_images(options.calib, spec, checkpoint.num_classes, checkpoint.class_names, count, seed, data_dir),
-            options.calib)
+    images = dataset_images(options.calib, spec, checkpoint.num_classes, checkpoint.class_names, count, seed, data_dir,
+                            split)
+    return images, options.calib if split is None else f"{options.calib} ({split} split)"
 
 
 def _verification_images(checkpoint: ModelCheckpoint, checkpoint_path: Path, options: ExportOptions) -> tuple[torch.Tensor, str]:
     """Images the INT8 graphs were not calibrated on: other generator latents, or the data source's test split."""
-    if options.calib == "generator" and _generator_path(checkpoint_path, options).is_file():
-        return _calibration_images(checkpoint, checkpoint_path, options, options.verify_images, options.seed + 1)
-    if options.calib != "generator":
-        data_dir = Path(options.data_dir) if options.data_dir else None
-        spec = checkpoint.input_spec
-        images = dataset_images(options.calib, spec, checkpoint.num_classes, checkpoint.class_names,
-                                options.verify_images, options.seed + 1, data_dir, split="test")
-        return images, f"{options.calib} (test split)"
+    if options.calib != "generator" or _generator_path(checkpoint_path, options).is_file():
+        return _calibration_images(checkpoint, checkpoint_path, options, options.verify_images, options.seed + 1,
+                                   split=None if options.calib == "generator" else "test")
     generator = torch.Generator().manual_seed(options.seed + 1)
     return torch.randn(options.verify_images, *checkpoint.input_spec.shape, generator=generator), "gaussian noise"
 
@@ -148,7 +145,7 @@ def run_export(checkpoint_path: Path, out: Path, options: ExportOptions) -> dict
             report["engines"] = _build_engines(out, report["artifacts"], options.max_batch)
         except DfadError as exc:
             report["engines"] = {"skipped": str(exc)}
-            atomic_write_json(out / "export.json", report)
             raise
-        atomic_write_json(out / "export.json", report)
+        finally:
+            atomic_write_json(out / "export.json", report)
     return report
