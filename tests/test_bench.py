@@ -41,6 +41,8 @@ def test_every_cpu_row_runs_with_sensible_figures(bench_report):
             assert set(row["accuracy"]) == {"10%", "20%", "100%"} and row["accuracy"]["100%"] > 0.9
             latency = row["latency_ms"]["1"]
             assert 0 < latency["p50"] <= latency["p90"] <= latency["p99"]
+            # Rounds of equal size: the pooled median lies between the lowest and highest round median.
+            assert latency["p50_rounds"][0] <= latency["p50"] <= latency["p50_rounds"][1]
             assert row["throughput_ips"]["16"] > 0 and row["bytes"] > 0 and row["threads"] >= 1
             assert row["agreement"]["fp32"]["100%"] >= 0.9
     assert _row(report, "teacher", "torch", "fp32")["agreement"]["teacher"]["100%"] == 1.0
@@ -60,7 +62,7 @@ def test_rows_that_cannot_run_say_why(bench_report):
 def test_report_md_shows_student_against_teacher_and_a_plot(bench_report):
     text = (bench_report / "report.md").read_text()
     assert "Fastest student" in text and "speed-up" in text and "size reduction" in text and "accuracy kept" in text
-    assert "## Skipped" in text
+    assert "## Skipped" in text and "Latency drift" in text
     assert (bench_report / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -69,7 +71,8 @@ def test_compare_puts_two_reports_side_by_side(bench_report, tmp_path):
                      "--out", tmp_path / "compare.md")
     assert result.exit_code == 0, result.output
     text = (tmp_path / "compare.md").read_text()
-    assert "| student | onnxruntime | int8 |" in text and "1.00 |" in text
+    # A report against itself: every ratio is 1.00 and every median lies inside its own spread.
+    assert "| student | onnxruntime | int8 |" in text and "1.00 | yes |" in text and "| no |" not in text
     report = json.loads((bench_report / "report.json").read_text())
     assert "not in B" in compare_reports(report, {**report, "results": []})
 

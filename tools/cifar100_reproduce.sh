@@ -5,40 +5,58 @@
 #   tools/cifar100_reproduce.sh [ROOT]            # everything under ROOT (default runs/cifar100)
 #   TEACHER_CKPT=path/to/cifar100-resnet34_8x.pt tools/cifar100_reproduce.sh   # import a teacher instead of training one
 #   PLAIN=1 tools/cifar100_reproduce.sh           # the published recipe only (no remedies), for comparison
+#   SMOKE=1 DATA=digits TEACHER_ARCH=digits_cnn PRESET=digits DEVICE=cpu tools/cifar100_reproduce.sh /tmp/smoke
+#                                                 # tiny budgets: checks every step of this script in a minute on a CPU
 #
 # Resumable: each finished step is skipped, an interrupted distillation continues from its last.pt.
 # Sized for one desktop GPU (>= 12 GB): teacher ~1.5 h, distillation (500 epochs x 50 iterations, batch 256)
 # several hours depending on the GPU. CIFAR-100 is downloaded to ROOT/data once (needs network for that step).
 set -euo pipefail
 ROOT=${1:-runs/cifar100}
+DATA=${DATA:-cifar100}                  # or cifar10, digits, or an ImageFolder root with train/ and test/
+TEACHER_ARCH=${TEACHER_ARCH:-resnet34_8x}
+PRESET=${PRESET:-cifar100}
+DEVICE=${DEVICE:-cuda}
+MEAN=${MEAN:-0.5071,0.4865,0.4409}      # CIFAR-100 training statistics, for an imported teacher; check yours
+STD=${STD:-0.2673,0.2564,0.2762}
 DATA_DIR="$ROOT/data"
+TEACHER_BUDGET="--epochs 200 --batch-size 128"
+DISTILL_BUDGET=""                       # the preset's: 500 epochs x 50 iterations, batch 256
+EXPORT_BUDGET="--max-batch 256"
+BENCH_BUDGET="--batch-sizes 1,32,256"
+if [ -n "${SMOKE:-}" ]; then
+  TEACHER_BUDGET="--epochs 1 --batch-size 64"
+  DISTILL_BUDGET="--epochs 2 --iters-per-epoch 2 --batch-size 32"
+  EXPORT_BUDGET="--max-batch 8 --calib-images 64"
+  BENCH_BUDGET="--batch-sizes 1,8 --iterations 3 --warmup 1 --rounds 1"
+fi
 mkdir -p "$ROOT"
 
-# 1. Teacher: import the published DFAD checkpoint if you have it (mean/std are the CIFAR-100 training statistics
-#    it was trained with; check yours), otherwise train one (~78% top-1 after 200 epochs).
+# 1. Teacher: import the published DFAD checkpoint if you have it, otherwise train one (~78% top-1 after 200 epochs).
 if [ ! -f "$ROOT/teacher/teacher.pt" ]; then
   if [ -n "${TEACHER_CKPT:-}" ]; then
     mkdir -p "$ROOT/teacher"
-    dfad-edge import "$TEACHER_CKPT" --arch resnet34_8x --mean 0.5071,0.4865,0.4409 --std 0.2673,0.2564,0.2762 \
-      --out "$ROOT/teacher/teacher.pt"
+    dfad-edge import "$TEACHER_CKPT" --arch "$TEACHER_ARCH" --mean "$MEAN" --std "$STD" --out "$ROOT/teacher/teacher.pt"
   else
-    dfad-edge train-teacher --data cifar100 --data-dir "$DATA_DIR" --download --arch resnet34_8x --epochs 200 \
-      --batch-size 128 --lr 0.1 --out "$ROOT/teacher" $( [ -f "$ROOT/teacher/last.pt" ] && echo --resume )
+    dfad-edge train-teacher --data "$DATA" --data-dir "$DATA_DIR" --download --arch "$TEACHER_ARCH" $TEACHER_BUDGET \
+      --lr 0.1 --device "$DEVICE" --out "$ROOT/teacher" $( [ -f "$ROOT/teacher/last.pt" ] && echo --resume )
   fi
 fi
-dfad-edge eval "$ROOT/teacher/teacher.pt" --data cifar100 --data-dir "$DATA_DIR" --json "$ROOT/teacher/eval.json"
+[ -f "$ROOT/teacher/eval.json" ] ||
+  dfad-edge eval "$ROOT/teacher/teacher.pt" --data "$DATA" --data-dir "$DATA_DIR" --device "$DEVICE" --json "$ROOT/teacher/eval.json"
 
 # 2. Distillation: the paper's recipe plus the remedies (BN-statistics matching, class balance, replay),
-#    or the plain recipe with PLAIN=1. The CIFAR-100 test set is used only to pick the best epoch and report.
+#    or the plain recipe with PLAIN=1. The test set is used only to pick the best epoch and report.
 RUN="$ROOT/distill"
 REMEDIES="--bn-stats 10 --class-balance 1 --replay 16384"
 [ -n "${PLAIN:-}" ] && { RUN="$ROOT/distill-plain"; REMEDIES=""; }
 if [ ! -f "$RUN/result.json" ]; then
   if [ -f "$RUN/last.pt" ]; then
-    dfad-edge distill --teacher "$ROOT/teacher/teacher.pt" --out "$RUN" --eval-data cifar100 --data-dir "$DATA_DIR" --resume
+    dfad-edge distill --teacher "$ROOT/teacher/teacher.pt" --out "$RUN" --eval-data "$DATA" --data-dir "$DATA_DIR" \
+      --device "$DEVICE" --resume
   else
-    dfad-edge distill --teacher "$ROOT/teacher/teacher.pt" --out "$RUN" --preset cifar100 --eval-data cifar100 \
-      --data-dir "$DATA_DIR" --eval-every 5 $REMEDIES
+    dfad-edge distill --teacher "$ROOT/teacher/teacher.pt" --out "$RUN" --preset "$PRESET" --eval-data "$DATA" \
+      --data-dir "$DATA_DIR" --device "$DEVICE" --eval-every 5 $REMEDIES $DISTILL_BUDGET
   fi
 fi
 
@@ -48,11 +66,13 @@ for ROLE in student teacher; do
   CKPT="$RUN/student.pt"; [ "$ROLE" = teacher ] && CKPT="$ROOT/teacher/teacher.pt"
   if [ ! -f "$ROOT/export-$ROLE/export.json" ]; then
     dfad-edge export "$CKPT" --out "$ROOT/export-$ROLE" --int8 --fp16 --generator "$RUN/generator.pt" \
-      --max-batch 256 --tensorrt || echo "note: TensorRT engines for the $ROLE were not built (see the message above)"
+      $EXPORT_BUDGET --tensorrt || echo "note: TensorRT engines for the $ROLE were not built (see the message above)"
   fi
 done
 
-# 4. Bench on this GPU.
-dfad-edge bench --teacher "$ROOT/export-teacher" --student "$ROOT/export-student" --data cifar100 \
-  --data-dir "$DATA_DIR" --out "$ROOT/bench" --device cuda --batch-sizes 1,32,256
+# 4. Bench on this machine.
+[ -f "$ROOT/bench/report.json" ] ||
+  dfad-edge bench --teacher "$ROOT/export-teacher" --student "$ROOT/export-student" --data "$DATA" \
+    --data-dir "$DATA_DIR" --out "$ROOT/bench" --device "$DEVICE" $BENCH_BUDGET
 python "$(dirname "$0")/summarize_run.py" "$RUN" --plot "$RUN/progress.png"
+echo "done: $ROOT/teacher/eval.json, $RUN/result.json, $ROOT/bench/report.md"

@@ -6,9 +6,11 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from dfad_edge.bench.report import load_report, write_reports
+from dfad_edge.errors import DfadError
 
 
 def main() -> None:
@@ -17,8 +19,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     out = args.out or args.report.parent
+    try:
+        report = load_report(args.report)
+    except DfadError as exc:
+        sys.exit(f"error: {exc}")
     out.mkdir(parents=True, exist_ok=True)
-    write_reports(load_report(args.report), out)
+    write_reports(report, out)
     print(f"wrote {out / 'report.md'} and {out / 'tradeoff.png'}")
 
 

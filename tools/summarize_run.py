@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 
@@ -57,6 +58,8 @@ def main() -> None:
     parser.add_argument("run", type=Path)
     parser.add_argument("--plot", type=Path)
     args = parser.parse_args()
+    if not (args.run / "metrics.jsonl").is_file():
+        sys.exit(f"error: {args.run} is not a distillation run folder (no metrics.jsonl; dfad-edge distill --out writes one)")
     metrics = load_metrics(args.run)
     print(markdown(metrics))
     result = args.run / "result.json"

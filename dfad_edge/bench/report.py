@@ -84,6 +84,19 @@ def student_vs_teacher_table(report: dict) -> list[str]:
     return lines
 
 
+def latency_drift(report: dict) -> list[str]:
+    """How far the median moved between timing rounds in the noisiest row: the noise floor for reading this report."""
+    drifts = [(max(stats["p50_rounds"][1] - stats["p50"], stats["p50"] - stats["p50_rounds"][0]) / stats["p50"], row, batch)
+              for row in _ran(report) for batch, stats in row["latency_ms"].items() if "p50_rounds" in stats]
+    if not drifts:
+        return []
+    drift, row, batch = max(drifts, key=lambda item: item[0])
+    low, high = row["latency_ms"][batch]["p50_rounds"]
+    return [f"Latency drift: per-round medians of the noisiest row ({row['model']} {row['backend']} {row['precision']}, "
+            f"batch {batch}) ran from {low:.3f} to {high:.3f} ms, up to {drift:.0%} from its median. Latency differences "
+            "smaller than that are within this machine's noise; compare ratios within one report.", ""]
+
+
 def markdown_report(report: dict) -> str:
     env, models = report["env"], report["models"]
     gpu = env.get("gpu") or {}
@@ -93,7 +106,7 @@ def markdown_report(report: dict) -> str:
              + (f"; Jetson {env['jetson']['model']}, power mode {env['jetson']['power_mode']}" if env.get("jetson") else ""),
              f"Settings: batch sizes {report['settings']['batch_sizes']}, {report['settings']['warmup']} warm-up + "
              f"{report['settings']['iterations']} timed iterations; latency is end to end (host in, host out)"
-             + ("; GPU compute alone (CUDA events) is in report.json." if gpu else "."), "",
+             + ("; GPU compute alone (CUDA events) is in report.json." if gpu else "."), ""] + latency_drift(report) + [
              "## Student vs teacher", ""] + headline(report) + ["Same backend and precision:", ""]
     lines += student_vs_teacher_table(report)
     lines += ["", "## Every row", ""] + results_table(report)
@@ -161,16 +174,19 @@ def _machine(report: dict) -> str:
 
 def compare_reports(first: dict, second: dict, first_label: str = "A", second_label: str = "B") -> str:
     lines = [f"A = {first_label} ({_machine(first)}), B = {second_label} ({_machine(second)})", "",
-             "| model | backend | precision | top-1 A | top-1 B | batch | p50 ms A | p50 ms B | B/A |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "A change is beyond noise when B's median falls outside A's p10-p90 (last column).", "",
+             "| model | backend | precision | top-1 A | top-1 B | batch | p50 ms A | p50 ms B | B/A | B inside A's p10-p90 |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for row in _ran(first):
         other = _find(second, row["model"], row["backend"], row["precision"])
         if other is None:
             lines.append(f"| {row['model']} | {row['backend']} | {row['precision']} | {row['accuracy']['100%']:.2%} | "
-                         "not in B | | | | |")
+                         "not in B | | | | | |")
             continue
         for batch in sorted(set(row["latency_ms"]) & set(other["latency_ms"]), key=int):
-            a, b = row["latency_ms"][batch]["p50"], other["latency_ms"][batch]["p50"]
+            stats, b = row["latency_ms"][batch], other["latency_ms"][batch]["p50"]
+            a, inside = stats["p50"], stats["p10"] <= b <= stats["p90"]
             lines.append(f"| {row['model']} | {row['backend']} | {row['precision']} | {row['accuracy']['100%']:.2%} | "
-                         f"{other['accuracy']['100%']:.2%} | {batch} | {a:.3f} | {b:.3f} | {b / a:.2f} |")
+                         f"{other['accuracy']['100%']:.2%} | {batch} | {a:.3f} | {b:.3f} | {b / a:.2f} | "
+                         f"{'yes' if inside else 'no'} |")
     return "\n".join(lines) + "\n"

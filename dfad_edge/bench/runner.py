@@ -36,6 +36,7 @@ class BenchOptions:
     device: str = "auto"
     warmup: int = 10
     iterations: int = 50
+    rounds: int = 5
     data_dir: str | None = None
 
     def validate(self) -> None:
@@ -43,8 +44,8 @@ class BenchOptions:
             unknown = [v for v in value if v not in allowed]
             if unknown:
                 raise DfadError(f"{what}: unknown {unknown}; choose from {', '.join(allowed)}")
-        if self.iterations < 1 or self.warmup < 0:
-            raise DfadError("--iterations must be >= 1 and --warmup >= 0")
+        if self.iterations < 1 or self.warmup < 0 or self.rounds < 1:
+            raise DfadError("--iterations and --rounds must be >= 1 and --warmup >= 0")
 
 
 @dataclass
@@ -176,7 +177,7 @@ def run_bench(teacher_path: Path, student_path: Path, data: str, out: Path, opti
                 results.append(row)
     log(f"timing {len(timed)} rows in interleaved rounds")
     latencies = measure_interleaved({str(i): entry for i, entry in timed.items()}, options.batch_sizes,
-                                    options.iterations, options.warmup)
+                                    options.iterations, options.warmup, options.rounds)
     for index, (backend, _shape) in timed.items():
         results[index].update(latencies[str(index)])
         results[index]["peak_device_memory_bytes"] = backend.peak_device_memory_bytes()
