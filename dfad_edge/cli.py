@@ -300,6 +300,8 @@ def bench(
     iterations: int = typer.Option(50, "--iterations", min=1),
     rounds: int = typer.Option(5, "--rounds", min=1,
                                help="split the timed iterations into this many interleaved rounds (drift estimate)"),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for PyTorch and ONNX Runtime "
+                                          "(default: PyTorch's, usually the core count)"),
     data_dir: Optional[Path] = DataDirOpt,
 ) -> None:
     """Bench teacher and student: top-1 on 10/20/100% splits, latency percentiles, throughput, size. Writes
@@ -308,11 +310,11 @@ def bench(
         return
     with user_errors():
         _run_bench(teacher, student, data, out, backends, precisions, batch_sizes, device, warmup, iterations, rounds,
-                   data_dir)
+                   threads, data_dir)
 
 
 def _run_bench(teacher, student, data, out, backends, precisions, batch_sizes, device, warmup, iterations, rounds,
-               data_dir) -> None:
+               threads, data_dir) -> None:
     from .bench import BenchOptions, run_bench
 
     missing = [flag for flag, value in (("--teacher", teacher), ("--student", student), ("--data", data), ("--out", out))
@@ -321,7 +323,7 @@ def _run_bench(teacher, student, data, out, backends, precisions, batch_sizes, d
         raise DfadError(f"bench needs {', '.join(missing)} (see dfad-edge bench --help)")
     options = BenchOptions(backends=parse_names(backends), precisions=parse_names(precisions),
                            batch_sizes=parse_ints(batch_sizes, "--batch-sizes"), device=device, warmup=warmup,
-                           iterations=iterations, rounds=rounds, data_dir=str(data_dir) if data_dir else None)
+                           iterations=iterations, rounds=rounds, threads=threads, data_dir=str(data_dir) if data_dir else None)
     run_bench(teacher, student, data, out, options)
     out_console.print((out / "report.md").read_text(), markup=False, highlight=False, soft_wrap=True)
     out_console.print(f"wrote {out / 'report.json'}, {out / 'report.md'}, {out / 'tradeoff.png'}")

@@ -75,3 +75,16 @@ def _to_plain(state: dict) -> dict:
 def _python_state(plain: list) -> tuple:
     version, internal, gauss = plain
     return (version, tuple(int(v) for v in internal), gauss)
+
+
+@contextlib.contextmanager
+def cpu_threads(threads: int | None):
+    """PyTorch's CPU thread count for a block (None = leave it), restored afterwards. The ONNX Runtime backends take
+    the same count, so one setting governs both runtimes."""
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

@@ -83,3 +83,14 @@ def test_bad_bench_input_is_a_clear_error(digits_exports, tmp_path):
                   BenchOptions(backends=["tflite"]))
     result = run_cli("bench", "--teacher", digits_exports / "teacher", "--data", "digits", "--out", tmp_path)
     assert result.exit_code == 2 and "--student" in result.output
+
+
+def test_threads_option_sets_both_runtimes_and_is_restored(digits_exports, tmp_path):
+    import torch
+
+    before = torch.get_num_threads()
+    report = run_bench(digits_exports / "teacher", digits_exports / "student", "digits", tmp_path,
+                       BenchOptions(backends=["torch", "onnxruntime"], precisions=["fp32"], batch_sizes=[1],
+                                    iterations=2, warmup=0, rounds=1, threads=1, device="cpu"))
+    assert {row["threads"] for row in report["results"]} == {1}
+    assert torch.get_num_threads() == before

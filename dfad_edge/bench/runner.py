@@ -17,7 +17,7 @@ from ..evaluate import split_accuracy, split_agreement
 from ..export import ENGINE_FILES, ONNX_FILES
 from ..io import atomic_write_json
 from ..progress import log, track
-from ..runtime import resolve_device
+from ..runtime import cpu_threads, resolve_device
 from .backends import BackendUnavailable, InferenceBackend, OnnxRuntimeBackend, TensorRTBackend, TorchBackend
 from .latency import measure_interleaved
 from .size import MACS_CONVENTION, count_macs, count_parameters
@@ -37,6 +37,7 @@ class BenchOptions:
     warmup: int = 10
     iterations: int = 50
     rounds: int = 5
+    threads: int | None = None  # CPU threads for PyTorch and ONNX Runtime; None = PyTorch's default
     data_dir: str | None = None
 
     def validate(self) -> None:
@@ -46,6 +47,8 @@ class BenchOptions:
                 raise DfadError(f"{what}: unknown {unknown}; choose from {', '.join(allowed)}")
         if self.iterations < 1 or self.warmup < 0 or self.rounds < 1:
             raise DfadError("--iterations and --rounds must be >= 1 and --warmup >= 0")
+        if self.threads is not None and self.threads < 1:
+            raise DfadError("--threads must be >= 1")
 
 
 @dataclass
@@ -148,9 +151,14 @@ def accuracy_row(model: BenchModel, backend_name: str, precision: str, device: t
 
 
 def run_bench(teacher_path: Path, student_path: Path, data: str, out: Path, options: BenchOptions) -> dict:
+    options.validate()
+    with cpu_threads(options.threads):
+        return _bench(teacher_path, student_path, data, Path(out), options)
+
+
+def _bench(teacher_path: Path, student_path: Path, data: str, out: Path, options: BenchOptions) -> dict:
     from .report import write_reports
 
-    options.validate()
     device = resolve_device(options.device)
     models = [resolve_bench_model("teacher", teacher_path), resolve_bench_model("student", student_path)]
     source = resolve_source(data, Path(options.data_dir) if options.data_dir else None)
