@@ -81,3 +81,17 @@ def test_missing_cifar_without_download_says_what_to_do(tmp_path):
     source = resolve_source("cifar10", tmp_path)
     with pytest.raises(DfadError, match="--download"):
         source.dataset("test")
+
+
+def test_an_unreadable_image_is_one_line_even_from_a_loader_worker(tmp_path, digits_teacher):
+    from conftest import run_cli
+
+    root = _image_folder(tmp_path / "folder", classes=tuple(str(d) for d in range(10)), per_class=2, mode="L", size=8)
+    (root / "test" / "3" / "broken.png").write_bytes(b"not an image at all")
+    # Image files are decoded in worker processes: the error crosses a process boundary with a traceback attached.
+    result = run_cli("eval", digits_teacher, "--data", root)
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "cannot read image" in result.output and "broken.png" in result.output
+    worker_text = "Caught DfadError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n" \
+                  '  File "x.py", line 1\ndfad_edge.errors.DfadError: cannot read image a.png: truncated'
+    assert DfadError(worker_text).user_message() == "cannot read image a.png: truncated"
