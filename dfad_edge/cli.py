@@ -26,11 +26,17 @@ err_console = Console(stderr=True)
 
 @contextmanager
 def user_errors():
-    """A DfadError becomes one clear line and exit code 2, never a traceback; Ctrl-C exits with 130."""
+    """A DfadError or a file-system error becomes one clear line and exit code 2, never a traceback; Ctrl-C exits
+    with 130."""
     try:
         yield
     except DfadError as exc:
         err_console.print(f"[bold red]error:[/] {escape(exc.user_message())}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    except OSError as exc:
+        # The file system said no (a path under a regular file, no permission, disk full): the user can fix that.
+        where = f": {exc.filename}" if exc.filename else ""
+        err_console.print(f"[bold red]error:[/] {escape((exc.strerror or str(exc)) + where)}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         err_console.print("[yellow]interrupted[/]")

@@ -36,3 +36,10 @@ def test_bad_input_gives_a_clear_error_not_a_traceback(args, expected, tmp_path,
     assert "Traceback" not in result.output
     if expected:
         assert result.exit_code == 2 and expected in result.output
+
+
+def test_an_output_path_the_file_system_refuses_is_one_line(digits_teacher, tmp_path):
+    (tmp_path / "a-file").write_text("not a folder")
+    result = run_cli("export", digits_teacher, "--out", tmp_path / "a-file" / "export")
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "Not a directory" in result.output and "a-file" in result.output
