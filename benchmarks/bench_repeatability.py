@@ -18,6 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from dfad_edge.bench.report import within_spread
+
 
 def _within(value: float, low: float, high: float) -> bool:
     return low <= value <= high
@@ -34,7 +36,7 @@ def compare_rows(first: dict, second: dict) -> list[dict]:
                           "p50_run1": a["p50"], "p50_run2": b["p50"],
                           "p10_p90_run1": [a["p10"], a["p90"]], "p10_p90_run2": [b["p10"], b["p90"]],
                           "p50_rounds_run1": a["p50_rounds"], "p50_rounds_run2": b["p50_rounds"],
-                          "within_p10_p90": _within(b["p50"], a["p10"], a["p90"]) and _within(a["p50"], b["p10"], b["p90"]),
+                          "within_p10_p90": within_spread(a, b["p50"]) and within_spread(b, a["p50"]),
                           "within_round_range": (_within(b["p50"], *a["p50_rounds"]) and _within(a["p50"], *b["p50_rounds"]))})
     return lines
 

@@ -26,6 +26,11 @@ def _largest_batch(row: dict) -> str:
     return max(row["latency_ms"], key=int)
 
 
+def within_spread(stats: dict, p50: float) -> bool:
+    """Whether another run's median lies inside this row's per-call p10-p90: the test for "beyond noise"."""
+    return stats["p10"] <= p50 <= stats["p90"]
+
+
 def _shared_batches(first: dict, second: dict) -> list[str]:
     """Batch sizes measured in both rows (an engine may be limited to a smaller batch range)."""
     return sorted(set(first["latency_ms"]) & set(second["latency_ms"]), key=int)
@@ -185,7 +190,7 @@ def compare_reports(first: dict, second: dict, first_label: str = "A", second_la
             continue
         for batch in sorted(set(row["latency_ms"]) & set(other["latency_ms"]), key=int):
             stats, b = row["latency_ms"][batch], other["latency_ms"][batch]["p50"]
-            a, inside = stats["p50"], stats["p10"] <= b <= stats["p90"]
+            a, inside = stats["p50"], within_spread(stats, b)
             lines.append(f"| {row['model']} | {row['backend']} | {row['precision']} | {row['accuracy']['100%']:.2%} | "
                          f"{other['accuracy']['100%']:.2%} | {batch} | {a:.3f} | {b:.3f} | {b / a:.2f} | "
                          f"{'yes' if inside else 'no'} |")
