@@ -1,4 +1,5 @@
-"""Calibration images for INT8: data-free from the distillation generator by default, or from real data."""
+"""Calibration images for INT8: data-free from the images a distillation synthesised (synthetic.pt) by default, or
+from real data."""
 
 from __future__ import annotations
 
@@ -12,33 +13,31 @@ from ..checkpoint import InputSpec
 from ..data import check_compatible, make_loader, resolve_source
 from ..errors import DfadError
 
-GENERATOR_FILE = "generator.pt"
+SYNTHETIC_FILE = "synthetic.pt"
 
 
-def generator_images(generator_path: Path, spec: InputSpec, count: int, seed: int) -> torch.Tensor:
-    """Images exactly as the student saw them in training (generator BatchNorm on batch statistics),
-    resized to the exported model's input size (the teacher's may differ from the student's)."""
-    from ..distill import load_generator
+def synthetic_images(path: Path, spec: InputSpec, count: int, seed: int, skip: int = 0) -> torch.Tensor:
+    """``count`` of the synthetic images the student trained on, in a seeded order after the first ``skip`` (so
+    calibration and verification take disjoint images where the file holds enough), resized to the exported model's input size (the teacher's
+    may differ from the student's)."""
+    from ..distill import load_synthetic_images
 
-    if not generator_path.is_file():
+    if not path.is_file():
         raise DfadError(
-            f"data-free calibration needs the distillation generator, but {generator_path} does not exist. "
-            "Pass --generator PATH (e.g. the run folder's generator.pt) or --calib SRC to calibrate on real images."
+            f"data-free calibration needs the images the distillation synthesised, but {path} does not exist. "
+            "Pass --synthetic PATH (the run folder's synthetic.pt) or --calib SRC to calibrate on real images."
         )
-    generator, generator_spec = load_generator(generator_path)
-    if generator_spec.channels != spec.channels:
-        raise DfadError(f"generator makes {generator_spec.channels}-channel images, the model takes {spec.channels}")
-    generator.train()
-    latent_rng = torch.Generator().manual_seed(seed)
-    batches = []
-    with torch.no_grad():
-        for start in range(0, count, 256):
-            z = torch.randn(min(256, count - start), generator.nz, generator=latent_rng)
-            images = generator(z)
-            if images.shape[-2:] != (spec.height, spec.width):
-                images = F.interpolate(images, size=(spec.height, spec.width), mode="bilinear", align_corners=False)
-            batches.append(images)
-    return torch.cat(batches)
+    images, images_spec = load_synthetic_images(path)
+    if images_spec.channels != spec.channels:
+        raise DfadError(f"{path.name} holds {images_spec.channels}-channel images, the model takes {spec.channels}")
+    if count > len(images):
+        raise DfadError(f"{path.name} holds {len(images)} images, fewer than the {count} asked for (lower --calib-images)")
+    skip = min(skip, len(images) - count)  # disjoint from the first images while there are enough
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
+    picked = images[order[skip:skip + count]]
+    if picked.shape[-2:] != (spec.height, spec.width):
+        picked = F.interpolate(picked, size=(spec.height, spec.width), mode="bilinear", align_corners=False)
+    return picked
 
 
 def dataset_images(source_name: str, spec: InputSpec, num_classes: int, class_names, count: int, seed: int,

@@ -34,15 +34,25 @@ class Float16Boundary(nn.Module):
         return self.model(images.half()).float()
 
 
-def onnx_metadata(checkpoint: ModelCheckpoint, precision: str) -> dict[str, str]:
+def onnx_metadata(checkpoint: ModelCheckpoint, precision: str, max_batch: int) -> dict[str, str]:
+    """What a copied export folder needs without the checkpoint: the input spec and classes for bench, the
+    architecture for parameter and MAC counts, the batch range for build-engines."""
     return {
         "dfad_edge.arch": checkpoint.arch,
+        "dfad_edge.arch_kwargs": json.dumps(checkpoint.arch_kwargs),
         "dfad_edge.num_classes": str(checkpoint.num_classes),
         "dfad_edge.input_spec": json.dumps(vars(checkpoint.input_spec)),
         "dfad_edge.class_names": json.dumps(checkpoint.class_names),
         "dfad_edge.precision": precision,
+        "dfad_edge.max_batch": str(max_batch),
         "dfad_edge.provenance": json.dumps(checkpoint.provenance, default=str),
     }
+
+
+def set_metadata(model: onnx.ModelProto, updates: dict[str, str]) -> None:
+    """Change some metadata entries, keeping the others."""
+    properties = {prop.key: prop.value for prop in model.metadata_props}
+    onnx.helper.set_model_props(model, {**properties, **updates})
 
 
 def read_metadata(path: Path) -> dict[str, str]:
@@ -83,13 +93,14 @@ def export_onnx(model: nn.Module, checkpoint: ModelCheckpoint, path: Path, max_b
             except Exception as second_error:  # noqa: BLE001
                 raise DfadError(f"ONNX export failed with both exporters: {first_error}; then {second_error}") from None
     onnx_model = onnx.load(str(path))
-    onnx.helper.set_model_props(onnx_model, onnx_metadata(checkpoint, precision))
+    onnx.helper.set_model_props(onnx_model, onnx_metadata(checkpoint, precision, max_batch))
     onnx.checker.check_model(onnx_model)
     onnx.save(onnx_model, str(path))
     return exporter
 
 
-def ort_session(path: Path, providers: list[str] | None = None, threads: int | None = None):
+def ort_session(path: Path, providers: list | None = None, threads: int | None = None):
+    """A session on these providers (names, or (name, options) pairs), CPU by default."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()

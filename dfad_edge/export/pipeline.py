@@ -1,9 +1,11 @@
 """The export stage: FP32 ONNX (always), FP16 ONNX, INT8 QDQ (TensorRT and CPU flavours), TensorRT engines,
-and export.json describing all of it."""
+and export.json describing all of it, every path in it relative to the export folder (see folder.py)."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -15,13 +17,14 @@ from ..checkpoint import ModelCheckpoint, load_checkpoint
 from ..errors import DfadError
 from ..io import atomic_write_json
 from ..progress import log
-from .calibration import GENERATOR_FILE, dataset_images, generator_images
+from .calibration import SYNTHETIC_FILE, dataset_images, synthetic_images
+from .folder import CHECKPOINT_FILE, EXPORT_JSON, ONNX_FILES, relative_to_folder
+from .fp16_typing import fp16_storage_emulation
 from .onnx_export import Float16Boundary, compare_logits, export_onnx, ort_session, run_onnx, verify_against_torch
-from .qdq_rules import qdq_summary, tensorrt_qdq_violations
+from .qdq_rules import intended_precisions, qdq_summary, tensorrt_qdq_violations
 from .quantize import quantize_int8
+from .tensorrt_build import BENCH_BATCH_SIZES
 
-ONNX_FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx", "int8_cpu": "model.int8.cpu.onnx"}
-ENGINE_FILES = {"fp32": "model.fp32.engine", "fp16": "model.fp16.engine", "int8": "model.int8.engine"}
 FP16_RELATIVE_TOLERANCE = 5e-2
 
 
@@ -30,38 +33,49 @@ class ExportOptions:
     int8: bool = False
     fp16: bool = False
     tensorrt: bool = False
-    calib: str = "generator"  # "generator" (data-free) or any data source
+    calib: str = "synthetic"  # "synthetic" (data-free: the distillation's images) or any data source
     calib_images: int = 512
     calib_method: str = "minmax"
-    generator: str | None = None  # default: generator.pt next to the checkpoint
+    synthetic: str | None = None  # default: synthetic.pt next to the checkpoint
     max_batch: int = 64
     data_dir: str | None = None
     verify_images: int = 256
     seed: int = 0
+    int8_quantizer: str = "ort"  # who makes the TensorRT INT8 graph: ort (+ NVIDIA's placement) or modelopt
+    batch_sizes: list[int] = field(default_factory=lambda: list(BENCH_BATCH_SIZES))  # engine profiles tuned for these
+    device: str = "auto"  # where TensorRT engines are built (cuda[:N])
 
 
-def _generator_path(checkpoint_path: Path, options: ExportOptions) -> Path:
-    return Path(options.generator) if options.generator else checkpoint_path.parent / GENERATOR_FILE
+def _synthetic_path(checkpoint_path: Path, options: ExportOptions) -> Path:
+    return Path(options.synthetic) if options.synthetic else checkpoint_path.parent / SYNTHETIC_FILE
 
 
-def _calibration_images(checkpoint: ModelCheckpoint, checkpoint_path: Path, options: ExportOptions,
-                        count: int, seed: int, split: str | None = None) -> tuple[torch.Tensor, str]:
-    """Generator images, or real images from the --calib source (its train split unless another is named)."""
+def _portable(value: str | Path, out: Path) -> str:
+    """A file or folder as export.json records it, relative to the export folder; a data source name as it is."""
+    return relative_to_folder(value, out) if Path(value).exists() else str(value)
+
+
+def _calibration_images(checkpoint: ModelCheckpoint, checkpoint_path: Path, options: ExportOptions, out: Path,
+                        count: int, seed: int, split: str | None = None, skip: int = 0) -> tuple[torch.Tensor, str]:
+    """Synthetic images (after the first ``skip``), or real images from the --calib source (its train split unless
+    another is named); with where they came from, as export.json records it."""
     spec = checkpoint.input_spec
-    if options.calib == "generator":
-        path = _generator_path(checkpoint_path, options)
-        return generator_images(path, spec, count, seed), f"generator:{path}"
+    if options.calib == "synthetic":
+        path = _synthetic_path(checkpoint_path, options)
+        return synthetic_images(path, spec, count, options.seed, skip), f"synthetic:{_portable(path, out)}"
     data_dir = Path(options.data_dir) if options.data_dir else None
     images = dataset_images(options.calib, spec, checkpoint.num_classes, checkpoint.class_names, count, seed, data_dir,
                             split)
-    return images, options.calib if split is None else f"{options.calib} ({split} split)"
+    source = _portable(options.calib, out)
+    return images, source if split is None else f"{source} ({split} split)"
 
 
-def _verification_images(checkpoint: ModelCheckpoint, checkpoint_path: Path, options: ExportOptions) -> tuple[torch.Tensor, str]:
-    """Images the INT8 graphs were not calibrated on: other generator latents, or the data source's test split."""
-    if options.calib != "generator" or _generator_path(checkpoint_path, options).is_file():
-        return _calibration_images(checkpoint, checkpoint_path, options, options.verify_images, options.seed + 1,
-                                   split=None if options.calib == "generator" else "test")
+def _verification_images(checkpoint: ModelCheckpoint, checkpoint_path: Path, options: ExportOptions,
+                         out: Path) -> tuple[torch.Tensor, str]:
+    """Images the INT8 graphs were not calibrated on: other synthetic images, or the data source's test split."""
+    if options.calib != "synthetic" or _synthetic_path(checkpoint_path, options).is_file():
+        return _calibration_images(checkpoint, checkpoint_path, options, out, options.verify_images, options.seed + 1,
+                                   split=None if options.calib == "synthetic" else "test", skip=options.calib_images)
     generator = torch.Generator().manual_seed(options.seed + 1)
     return torch.randn(options.verify_images, *checkpoint.input_spec.shape, generator=generator), "gaussian noise"
 
@@ -71,19 +85,34 @@ def _onnx_logits(path: Path, images: torch.Tensor) -> np.ndarray:
     return np.concatenate([run_onnx(session, images[i:i + 64].numpy()) for i in range(0, len(images), 64)])
 
 
+def _fp16_emulated_logits(path: Path, images: torch.Tensor) -> np.ndarray:
+    """Logits of an FP16-typed graph with FP16 storage emulated in FP32 arithmetic, as TensorRT runs it, and the same
+    in every ONNX Runtime version (see fp16_storage_emulation)."""
+    with tempfile.TemporaryDirectory() as scratch:
+        emulated = Path(scratch) / path.name
+        onnx.save(fp16_storage_emulation(onnx.load(str(path))), str(emulated))
+        return _onnx_logits(emulated, images)
+
+
 def _export_int8(out: Path, checkpoint: ModelCheckpoint, checkpoint_path: Path, options: ExportOptions,
                  verification: torch.Tensor, fp32_logits: np.ndarray) -> tuple[dict, dict]:
-    images, source = _calibration_images(checkpoint, checkpoint_path, options, options.calib_images, options.seed)
+    images, source = _calibration_images(checkpoint, checkpoint_path, options, out, options.calib_images, options.seed)
     log(f"INT8 calibration: {len(images)} images from {source}")
     artifacts = {}
-    for key, flavour in (("int8", "tensorrt"), ("int8_cpu", "cpu")):
-        path = quantize_int8(out / "model.onnx", out / ONNX_FILES[key], images, flavour, options.calib_method)
+    # The CPU graph first: ModelOpt, when it makes the TensorRT graph, runs in a process of its own anyway.
+    for key, flavour in (("int8_cpu", "cpu"), ("int8", "tensorrt")):
+        path = quantize_int8(out / "model.onnx", out / ONNX_FILES[key], images, flavour, options.calib_method,
+                             options.int8_quantizer)
         graph = onnx.load(str(path))
+        logits = _fp16_emulated_logits(path, verification) if flavour == "tensorrt" else _onnx_logits(path, verification)
         artifacts[key] = {
             "path": path.name, "flavour": flavour, "bytes": path.stat().st_size,
-            "agreement_with_fp32": compare_logits(fp32_logits, _onnx_logits(path, verification)),
+            "quantizer": options.int8_quantizer if flavour == "tensorrt" else "ort",
+            "agreement_with_fp32": compare_logits(fp32_logits, logits),
+            "agreement_evaluated_as": "fp16 storage emulated" if flavour == "tensorrt" else "written",
             "qdq": qdq_summary(graph),
             "tensorrt_rule_violations": len(tensorrt_qdq_violations(graph)),
+            "intended_precisions": intended_precisions(graph),
         }
         log(f"{path.name} ({flavour}): top-1 agreement with FP32 "
             f"{artifacts[key]['agreement_with_fp32']['top1_agreement']:.2%}")
@@ -91,19 +120,19 @@ def _export_int8(out: Path, checkpoint: ModelCheckpoint, checkpoint_path: Path, 
     return artifacts, calibration
 
 
-def _build_engines(out: Path, artifacts: dict, max_batch: int) -> dict:
-    from .tensorrt_build import build_engine, cuda_gpu, import_tensorrt
+def _copy_checkpoint(checkpoint_path: Path, out: Path) -> None:
+    """The folder carries its checkpoint, so bench's PyTorch rows run wherever the folder is copied."""
+    if checkpoint_path.resolve() != (out / CHECKPOINT_FILE).resolve():
+        shutil.copyfile(checkpoint_path, out / CHECKPOINT_FILE)
 
-    trt, gpu = import_tensorrt(), cuda_gpu()
-    engines = {}
-    for precision, engine_name in ENGINE_FILES.items():
-        if precision not in artifacts:
-            continue
-        onnx_path = out / artifacts[precision]["path"]
-        log(f"building TensorRT engine {engine_name} from {onnx_path.name}")
-        sidecar = build_engine(onnx_path, out / engine_name, precision, (1, max(1, max_batch // 2), max_batch), trt=trt, gpu=gpu)
-        engines[precision] = {"path": engine_name, "bytes": (out / engine_name).stat().st_size, **sidecar}
-    return engines
+
+def _portable_options(options: ExportOptions, out: Path) -> dict:
+    """The options as export.json records them: the files and folders among them relative to the export folder."""
+    recorded = asdict(options)
+    for key in ("calib", "synthetic", "data_dir"):
+        if recorded[key]:
+            recorded[key] = _portable(recorded[key], out)
+    return recorded
 
 
 def run_export(checkpoint_path: Path, out: Path, options: ExportOptions) -> dict:
@@ -111,20 +140,24 @@ def run_export(checkpoint_path: Path, out: Path, options: ExportOptions) -> dict
     if options.max_batch < 1:
         raise DfadError("--max-batch must be at least 1")
     checkpoint = load_checkpoint(checkpoint_path)
-    if options.int8 and options.calib == "generator":
-        generator_images(_generator_path(checkpoint_path, options), checkpoint.input_spec, 1, 0)  # fail early
+    if options.int8 and options.calib == "synthetic":
+        synthetic_images(_synthetic_path(checkpoint_path, options), checkpoint.input_spec, options.calib_images,
+                         options.seed, skip=0)  # fail early
     out.mkdir(parents=True, exist_ok=True)
     model = checkpoint.build_model()
-    verification, verification_source = _verification_images(checkpoint, checkpoint_path, options)
-    report = {"checkpoint": str(checkpoint_path), "arch": checkpoint.arch, "num_classes": checkpoint.num_classes,
+    verification, verification_source = _verification_images(checkpoint, checkpoint_path, options, out)
+    _copy_checkpoint(checkpoint_path, out)
+    report = {"checkpoint": CHECKPOINT_FILE, "exported_from": relative_to_folder(checkpoint_path, out),
+              "arch": checkpoint.arch, "num_classes": checkpoint.num_classes,
               "class_names": checkpoint.class_names, "input_spec": vars(checkpoint.input_spec),
-              "options": asdict(options), "dfad_edge_version": __version__,
+              "options": _portable_options(options, out), "dfad_edge_version": __version__,
               "verification_images": {"source": verification_source, "count": len(verification)}, "artifacts": {}}
 
     exporter = export_onnx(model, checkpoint, out / ONNX_FILES["fp32"], options.max_batch)
     report["exporter"] = exporter
     report["artifacts"]["fp32"] = {"path": ONNX_FILES["fp32"], "bytes": (out / ONNX_FILES["fp32"]).stat().st_size,
-                                   "verification": verify_against_torch(model, out / ONNX_FILES["fp32"], verification, options.max_batch)}
+                                   "verification": verify_against_torch(model, out / ONNX_FILES["fp32"], verification, options.max_batch),
+                                   "intended_precisions": intended_precisions(onnx.load(str(out / ONNX_FILES["fp32"])))}
     log(f"model.onnx verified against PyTorch (exporter: {exporter})")
     fp32_logits = _onnx_logits(out / ONNX_FILES["fp32"], verification)
     if options.fp16:
@@ -135,17 +168,20 @@ def run_export(checkpoint_path: Path, out: Path, options: ExportOptions) -> dict
             "verification": verify_against_torch(model, path, verification, options.max_batch, FP16_RELATIVE_TOLERANCE,
                                                  require_same_top1=False),
             "agreement_with_fp32": compare_logits(fp32_logits, _onnx_logits(path, verification)),
+            "intended_precisions": intended_precisions(onnx.load(str(path))),
         }
     if options.int8:
         int8_artifacts, report["calibration"] = _export_int8(out, checkpoint, checkpoint_path, options, verification, fp32_logits)
         report["artifacts"].update(int8_artifacts)
-    atomic_write_json(out / "export.json", report)
+    atomic_write_json(out / EXPORT_JSON, report)
     if options.tensorrt:
+        from ..runtime import resolve_device
+        from .tensorrt_build import build_engines
+
         try:
-            report["engines"] = _build_engines(out, report["artifacts"], options.max_batch)
+            report["engines"] = build_engines(out, options.batch_sizes, options.max_batch, resolve_device(options.device))
         except DfadError as exc:
             report["engines"] = {"skipped": str(exc)}
+            atomic_write_json(out / EXPORT_JSON, report)
             raise
-        finally:
-            atomic_write_json(out / "export.json", report)
     return report

@@ -1,7 +1,10 @@
 """TensorRT's explicit-quantization rules, checked on a QDQ ONNX graph before anyone builds an engine from it.
 
-TensorRT (10 and 11) rejects non-zero zero-points and unsigned INT8, needs per-tensor activation scales, and fuses
-a residual Add into the INT8 convolution only when both Add inputs arrive through Q/DQ pairs.
+TensorRT (10 and 11) rejects non-zero zero-points and unsigned INT8 and needs per-tensor activation scales. It fuses
+a residual Add into the INT8 convolution that feeds it (Conv+Add+ReLU, one kernel) only when the skip input arrives
+through a Q/DQ pair and the convolution's output enters the Add unquantized (TensorRT developer guide, "Q/DQ layer
+placement"): a Q/DQ pair on the convolution branch, or none on the skip input, leaves the Add as a layer of its own.
+This checker is independent of how the graph was made (ONNX Runtime plus qdq_placement.py, or ModelOpt).
 """
 
 from __future__ import annotations
@@ -29,10 +32,21 @@ def _constant_outputs(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     return values
 
 
+def producer_map(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
+    return {output: node for node in graph.node for output in node.output}
+
+
+def skip_qdq_pair(tensor_name: str, producers: dict) -> str:
+    """The tensor before a QuantizeLinear -> DequantizeLinear pair (the name itself when there is none)."""
+    dequantize = _dequantized(tensor_name, producers)
+    quantize = producers.get(dequantize.input[0]) if dequantize is not None else None
+    return quantize.input[0] if quantize is not None and quantize.op_type == "QuantizeLinear" else tensor_name
+
+
 def tensorrt_qdq_violations(model: onnx.ModelProto) -> list[str]:
     """Every way this graph breaks TensorRT's explicit-quantization rules (empty list: it complies)."""
     constants = {**_initializers(model), **_constant_outputs(model)}
-    producers = {output: node for node in model.graph.node for output in node.output}
+    producers = producer_map(model.graph)
     violations: list[str] = []
     qdq_nodes = [n for n in model.graph.node if n.op_type in QDQ_OPS]
     if not qdq_nodes:
@@ -105,19 +119,70 @@ def _conv_violations(node: onnx.NodeProto, producers: dict, constants: dict) -> 
     return problems
 
 
+def _source_op(tensor_name: str, producers: dict) -> str | None:
+    producer = producers.get(skip_qdq_pair(tensor_name, producers))
+    return producer.op_type if producer is not None else None
+
+
 def _residual_add_violations(node: onnx.NodeProto, producers: dict, constants: dict) -> list[str]:
     activation_inputs = [name for name in node.input if not _is_weight(name, producers, constants)]
     if len(activation_inputs) < 2:
         return []  # a bias add, not a residual join
-    missing = [name for name in activation_inputs if _dequantized(name, producers) is None]
-    if missing:
-        return [f"residual Add {node.name}: input(s) {missing} lack Q/DQ, so TensorRT cannot fuse it into the INT8 conv"]
+    if not any(_source_op(name, producers) == "Conv" for name in activation_inputs):
+        return []  # joins no convolution output: nothing for TensorRT to fuse it into
+    quantized = [name for name in activation_inputs if _dequantized(name, producers) is not None]
+    unquantized = [name for name in activation_inputs if name not in quantized]
+    if not unquantized:
+        return [f"residual Add {node.name}: Q/DQ on every input {quantized}; the convolution branch must enter "
+                "unquantized so TensorRT fuses Conv+Add into one INT8 kernel"]
+    if not quantized:
+        return [f"residual Add {node.name}: its skip input has no Q/DQ, so TensorRT cannot fuse the Add into the "
+                "INT8 convolution"]
+    not_fusible = [name for name in unquantized if _source_op(name, producers) != "Conv"]
+    if not_fusible:
+        return [f"residual Add {node.name}: unquantized input(s) {not_fusible} come from no convolution, so nothing "
+                "fuses them; quantize the skip input and leave only the convolution's output unquantized"]
     return []
+
+
+def _fuses_into_conv(node: onnx.NodeProto, producers: dict, constants: dict) -> bool:
+    """A residual Add in NVIDIA's placement: one input through Q/DQ, the other straight from a convolution."""
+    activation_inputs = [name for name in node.input if not _is_weight(name, producers, constants)]
+    direct = [name for name in activation_inputs if _dequantized(name, producers) is None]
+    return (len(activation_inputs) == 2 and len(direct) == 1 and producers.get(direct[0]) is not None
+            and producers[direct[0]].op_type == "Conv")
+
+
+def intended_precisions(model: onnx.ModelProto) -> dict:
+    """The precision each kind of layer is meant to run in on TensorRT, read from the graph: a Conv/Gemm/MatMul
+    with Q/DQ on its activation and weight runs in INT8, a residual Add in NVIDIA's placement runs inside the INT8
+    convolution before it, every other layer in the graph's float type (a strongly typed network follows the
+    graph; TensorRT still fuses a ReLU into the INT8 kernel before it). Q/DQ and the boundary Casts are left out;
+    inputs and outputs are listed with their own types."""
+    graph = model.graph
+    producers = producer_map(graph)
+    constants = {**_initializers(model), **_constant_outputs(model)}
+    float_type = "fp16" if any(init.data_type == onnx.TensorProto.FLOAT16 for init in graph.initializer) else "fp32"
+    layers: dict[str, Counter] = {}
+    for node in graph.node:
+        if node.op_type in QDQ_OPS or node.op_type == "Cast":
+            continue
+        if node.op_type in ("Conv", "Gemm", "MatMul") and all(_dequantized(name, producers) for name in node.input[:2]):
+            precision = "int8"
+        elif node.op_type == "Add" and _fuses_into_conv(node, producers, constants):
+            precision = "int8, fused into the convolution"
+        else:
+            precision = float_type
+        layers.setdefault(node.op_type, Counter())[precision] += 1
+    names = {onnx.TensorProto.FLOAT: "fp32", onnx.TensorProto.FLOAT16: "fp16"}
+    boundary = {tensor.name: names.get(tensor.type.tensor_type.elem_type, "other")
+                for tensor in [*graph.input, *graph.output]}
+    return {"inputs_outputs": boundary, "layers": {op: dict(counts) for op, counts in layers.items()}}
 
 
 def qdq_summary(model: onnx.ModelProto) -> dict:
     counts = Counter(node.op_type for node in model.graph.node)
-    producers = {output: node for node in model.graph.node for output in node.output}
+    producers = producer_map(model.graph)
     float_convs = [n.name for n in model.graph.node if n.op_type == "Conv" and _dequantized(n.input[0], producers) is None]
     return {"float_convs": len(float_convs),"quantize_linear": counts["QuantizeLinear"], "dequantize_linear": counts["DequantizeLinear"],
             "conv": counts["Conv"], "add": counts["Add"], "nodes": sum(counts.values())}
