@@ -19,11 +19,18 @@ import torch.nn as nn
 from . import __version__
 from .errors import DfadError
 from .io import atomic_torch_save
-from .models import create_model, default_input_size
+from .models import build_kwargs, create_model, get_entry
+from .models.registry import DEFAULT_CROP_PCT
 
 FORMAT = "dfad-edge-checkpoint/1"
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "student", "teacher")
 _PREFIXES = ("module.", "_orig_mod.")
+
+
+TRANSFORMS = ("stretch", "center_crop")
+# Up to this size a model is CIFAR-style: trained and evaluated on whole images resized to its input ("stretch").
+# Larger models are ImageNet-style and evaluated on a centre crop.
+SMALL_IMAGE_LIMIT = 64
 
 
 @dataclass
@@ -33,6 +40,11 @@ class InputSpec:
     width: int
     mean: list[float]
     std: list[float]
+    # How an image of any size becomes height x width. "stretch": resized to exactly that (CIFAR-size models, and every
+    # checkpoint written before this field existed). "center_crop": ImageNet-style evaluation, the shorter side resized
+    # to size / crop_pct and the centre taken.
+    transform: str = "stretch"
+    crop_pct: float | None = None
 
     def validate(self) -> None:
         if len(self.mean) != self.channels or len(self.std) != self.channels:
@@ -41,6 +53,10 @@ class InputSpec:
             )
         if any(s <= 0 for s in self.std):
             raise DfadError(f"std values must be positive, got {self.std}")
+        if self.transform not in TRANSFORMS:
+            raise DfadError(f"unknown input transform '{self.transform}': choose {' or '.join(TRANSFORMS)}")
+        if self.transform == "center_crop" and not (self.crop_pct and 0 < self.crop_pct <= 1):
+            raise DfadError(f"a centre crop needs a crop fraction in (0, 1], got {self.crop_pct}")
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -80,8 +96,9 @@ class ModelCheckpoint:
 
     def describe(self) -> str:
         spec = self.input_spec
+        crop = f", evaluated on a centre crop of {spec.crop_pct:g}" if spec.transform == "center_crop" else ""
         return (
-            f"{self.arch} ({self.num_classes} classes, input {spec.channels}x{spec.height}x{spec.width}, "
+            f"{self.arch} ({self.num_classes} classes, input {spec.channels}x{spec.height}x{spec.width}{crop}, "
             f"made by {self.provenance.get('command', 'unknown')})"
         )
 
@@ -208,20 +225,56 @@ def infer_in_channels(state_dict: dict[str, torch.Tensor]) -> int:
     return int(convs[0].shape[1]) if convs else 3
 
 
-def import_checkpoint(file: Path, arch: str, mean: list[float], std: list[float],
+def imported_input_spec(arch: str, in_channels: int, mean: list[float] | None, std: list[float] | None,
+                        input_size: tuple[int, int] | None, transform: str | None,
+                        crop_pct: float | None) -> tuple[InputSpec, list[str]]:
+    """The input spec of an imported model (None: the architecture's default), and the values taken from the
+    architecture's pretrained config (a timm or torchvision model's weights record their input size, mean, std and
+    evaluation crop) rather than from the user."""
+    entry = get_entry(arch)
+    pretrained, defaulted = entry.pretrained, []
+    if (mean is None) != (std is None):
+        raise DfadError("give --mean and --std together (or neither, for an architecture with a pretrained config)")
+    if mean is None:
+        if pretrained is None or len(pretrained.mean) != in_channels:
+            raise DfadError(f"--mean and --std are needed: {arch} carries no normalisation of its own for "
+                            f"{in_channels}-channel images; give the values the model was trained with")
+        mean, std = list(pretrained.mean), list(pretrained.std)
+        defaulted.append(f"mean {_numbers(mean)}, std {_numbers(std)}")
+    height, width = input_size or entry.input_size
+    if input_size is None and pretrained is not None:
+        defaulted.append(f"input size {height}x{width}")
+    transform = transform or ("stretch" if max(height, width) <= SMALL_IMAGE_LIMIT else "center_crop")
+    if transform == "center_crop" and crop_pct is None:
+        crop_pct = pretrained.crop_pct if pretrained else DEFAULT_CROP_PCT
+        if pretrained is not None:
+            defaulted.append(f"centre crop {crop_pct:g}")
+    spec = InputSpec(in_channels, height, width, list(mean), list(std), transform,
+                     crop_pct if transform == "center_crop" else None)
+    spec.validate()
+    return spec, defaulted
+
+
+def _numbers(values: list[float]) -> str:
+    return ",".join(f"{v:g}" for v in values)
+
+
+def import_checkpoint(file: Path, arch: str, mean: list[float] | None = None, std: list[float] | None = None,
                       class_names: list[str] | None = None, num_classes: int | None = None,
-                      input_size: tuple[int, int] | None = None) -> ModelCheckpoint:
-    """Convert a user's checkpoint (any common wrapping) into a verified dfad-edge checkpoint."""
+                      input_size: tuple[int, int] | None = None, transform: str | None = None,
+                      crop_pct: float | None = None) -> ModelCheckpoint:
+    """Convert a user's checkpoint (any common wrapping) into a verified dfad-edge checkpoint. Input values the user
+    left out and the architecture's pretrained config supplied are named in provenance["from_pretrained_config"]."""
     state_dict = extract_state_dict(safe_torch_load(file), str(file))
     num_classes = num_classes or infer_num_classes(state_dict)
     if class_names is not None and len(class_names) != num_classes:
         raise DfadError(f"--classes lists {len(class_names)} names but the checkpoint has {num_classes} classes")
     in_channels = infer_in_channels(state_dict)
-    height, width = input_size or default_input_size(arch)
-    spec = InputSpec(in_channels, height, width, list(mean), list(std))
-    spec.validate()
-    arch_kwargs = {"num_classes": num_classes, "in_channels": in_channels}
-    checkpoint = ModelCheckpoint(arch, arch_kwargs, num_classes, spec, state_dict, class_names,
-                                 {"command": "import", "source_file": str(file), "dfad_edge_version": __version__})
+    spec, defaulted = imported_input_spec(arch, in_channels, mean, std, input_size, transform, crop_pct)
+    arch_kwargs = build_kwargs(arch, num_classes, in_channels, (spec.height, spec.width))
+    provenance = {"command": "import", "source_file": str(file), "dfad_edge_version": __version__}
+    if defaulted:
+        provenance["from_pretrained_config"] = defaulted
+    checkpoint = ModelCheckpoint(arch, arch_kwargs, num_classes, spec, state_dict, class_names, provenance)
     checkpoint.build_model()  # verifies that the weights fit before anything is written
     return checkpoint

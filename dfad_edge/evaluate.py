@@ -1,4 +1,4 @@
-"""Top-1 accuracy on the first 10%, 20% and 100% of a test set."""
+"""Accuracy on the first 10%, 20% and 100% of a test set (top-1, top-k), per class, and the confusion matrix."""
 
 from __future__ import annotations
 
@@ -26,14 +26,33 @@ def collect_predictions(predict: Predictor, loader, description: str = "eval") -
     return torch.cat(predictions), torch.cat(labels)
 
 
+def split_hit_rate(hits: torch.Tensor) -> dict[str, float]:
+    """The share of True in the first 10%, 20% and 100% of a per-image hit vector."""
+    return {name: float(hits[:n].float().mean()) for name, n in split_sizes(len(hits)).items()}
+
+
 def split_accuracy(predictions: torch.Tensor, labels: torch.Tensor) -> tuple[dict[str, float], dict[str, int]]:
-    sizes = split_sizes(len(labels))
-    accuracy = {name: float((predictions[:n] == labels[:n]).float().mean()) for name, n in sizes.items()}
-    return accuracy, sizes
+    return split_hit_rate(predictions == labels), split_sizes(len(labels))
+
+
+def split_top_k_accuracy(top_k: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Top-k from an N x k tensor of each image's k best classes."""
+    return split_hit_rate((top_k == labels[:, None]).any(1))
 
 
 def split_agreement(predictions: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
-    return {name: float((predictions[:n] == reference[:n]).float().mean()) for name, n in split_sizes(len(reference)).items()}
+    return split_hit_rate(predictions == reference)
+
+
+def confusion_matrix(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Counts, row = true class, column = predicted class."""
+    return torch.bincount(labels * num_classes + predictions, minlength=num_classes**2).view(num_classes, num_classes)
+
+
+def per_class_accuracy(confusion: torch.Tensor) -> list[float | None]:
+    """Top-1 of each true class (None for a class without test images)."""
+    support = confusion.sum(1)
+    return [float(confusion[c, c] / support[c]) if support[c] else None for c in range(len(confusion))]
 
 
 def torch_predictor(model: nn.Module, device: torch.device) -> Predictor:

@@ -125,3 +125,31 @@ def test_bad_normalisation_lists_are_clear_errors(tmp_path):
     output = _cli_error("import", tmp_path / "user.pth", "--arch", "digits_cnn_small", "--mean", "abc",
                         "--std", "0.25", "--out", tmp_path / "x.pt")
     assert "comma-separated numbers" in output
+
+
+def test_a_checkpoint_written_before_input_transforms_loads_as_stretched(tmp_path):
+    torch.save(_weights(), tmp_path / "user.pth")
+    raw = import_checkpoint(tmp_path / "user.pth", "digits_cnn_small", MEAN, STD).to_dict()
+    del raw["input_spec"]["transform"], raw["input_spec"]["crop_pct"]  # what earlier versions wrote
+    torch.save(raw, tmp_path / "old.pt")
+    spec = load_checkpoint(tmp_path / "old.pt").input_spec
+    assert (spec.transform, spec.crop_pct) == ("stretch", None)
+
+
+def test_import_takes_what_is_not_given_from_the_pretrained_config_and_says_so(tmp_path):
+    torch.save(create_model("timm.resnet18.a1_in1k", num_classes=5).state_dict(), tmp_path / "user.pth")
+    result = run_cli("import", tmp_path / "user.pth", "--arch", "timm.resnet18.a1_in1k", "--out", tmp_path / "t.pt")
+    assert result.exit_code == 0, result.output
+    assert "pretrained config" in result.output and "centre crop 0.95" in result.output
+    spec = load_checkpoint(tmp_path / "t.pt").input_spec
+    assert (spec.height, spec.mean, spec.transform, spec.crop_pct) == (224, [0.485, 0.456, 0.406], "center_crop", 0.95)
+    # What the user gives wins; a 32x32 model is evaluated CIFAR-style, on the whole image.
+    result = run_cli("import", tmp_path / "user.pth", "--arch", "timm.resnet18.a1_in1k", "--mean", "0.5,0.5,0.5",
+                     "--std", "0.2,0.2,0.2", "--input-size", "32", "--out", tmp_path / "cifar.pt")
+    assert result.exit_code == 0 and "pretrained config" not in result.output
+    spec = load_checkpoint(tmp_path / "cifar.pt").input_spec
+    assert (spec.height, spec.mean, spec.transform) == (32, [0.5] * 3, "stretch")
+    # An architecture without a normalisation of its own needs --mean and --std.
+    torch.save(_weights(), tmp_path / "digits.pth")
+    assert "--mean and --std are needed" in _cli_error("import", tmp_path / "digits.pth", "--arch", "digits_cnn_small",
+                                                        "--out", tmp_path / "d.pt")

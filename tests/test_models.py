@@ -1,3 +1,5 @@
+import sys
+
 import pytest
 import torch
 
@@ -66,3 +68,56 @@ def test_generator_makes_standardised_images_of_the_asked_shape(img_size, channe
     assert torch.allclose(per_channel.std(1), torch.ones(channels), atol=1e-2)
     with pytest.raises(DfadError):
         create_model("generator_a", img_size=30)
+
+
+def test_cifar_mobilenetv2_keeps_a_4x4_map_at_32x32_and_has_its_known_size():
+    from dfad_edge.models.mobilenetv2_cifar import InvertedResidual
+
+    model = create_model("mobilenetv2_cifar", num_classes=10).eval()
+    # Stride-1 stem and second stage: 32x32 ends as 4x4 (the ImageNet form would leave 1x1).
+    assert model.forward_features(torch.zeros(1, 3, 32, 32)).shape == (1, 1280, 4, 4)
+    # The CIFAR MobileNetV2 of the DFKD literature: ~2.2 M parameters, ~88 M MACs at 32x32.
+    assert count_parameters(model) == pytest.approx(2.24e6, rel=0.01)
+    assert count_macs(model, (3, 32, 32)) == pytest.approx(88e6, rel=0.02)
+    assert sum(block.residual for block in model.modules() if isinstance(block, InvertedResidual)) == 10
+    assert count_parameters(create_model("mobilenetv2_cifar_050")) < count_parameters(model) / 3
+
+
+def test_library_models_carry_their_pretrained_input_config():
+    from dfad_edge.models import get_entry
+
+    timm_resnet = get_entry("timm.resnet18")
+    assert timm_resnet.input_size == (224, 224) and timm_resnet.pretrained.mean == (0.485, 0.456, 0.406)
+    # A weight tag selects that weight's own evaluation crop.
+    assert get_entry("timm.resnet18.a1_in1k").pretrained.crop_pct == 0.95
+    assert get_entry("timm.resnet18.tv_in1k").pretrained.crop_pct == 0.875
+    efficientnet = get_entry("torchvision.efficientnet_b3")
+    assert efficientnet.input_size == (300, 300) and efficientnet.pretrained.crop_pct == pytest.approx(300 / 320)
+    assert get_entry("timm.test_vit").fixed_input_size and not timm_resnet.fixed_input_size
+    with pytest.raises(DfadError, match="unknown timm architecture 'resnet9000'"):
+        create_model("timm.resnet9000")
+
+
+def test_without_timm_a_timm_architecture_is_one_line_naming_the_extra(monkeypatch):
+    from conftest import run_cli
+
+    monkeypatch.setitem(sys.modules, "timm", None)  # what an environment without the extra sees
+    with pytest.raises(DfadError, match=r"pip install 'dfad-edge\[timm\]'"):
+        create_model("timm.resnet18")
+    result = run_cli("models", "--timm")
+    assert result.exit_code == 2 and "dfad-edge[timm]" in result.output and "Traceback" not in result.output
+
+
+def test_models_lists_parameters_and_macs_to_pick_a_student_by_budget(monkeypatch):
+    from conftest import run_cli
+
+    monkeypatch.setenv("COLUMNS", "200")
+    listed = run_cli("models", "mobilenetv2*").output + run_cli("models", "*mobilenet*v3_small*", "--torchvision",
+                                                                "--timm").output
+    for name, params, macs in (("mobilenetv2_cifar ", "2.24 M", "88.0 M"), ("mobilenetv2_cifar_050", "0.70 M", "28.0 M"),
+                               ("torchvision.mobilenet_v3_small", "2.54 M", "56.5 M"),
+                               ("timm.mobilenetv3_small_100", "2.54 M", "56.5 M")):
+        line = next(line for line in listed.splitlines() if name in line)
+        assert params in line and macs in line, line
+    everything = run_cli("models", "--timm").output
+    assert "narrow the list with a pattern" in everything and "timm.resnet18 " in everything

@@ -1,4 +1,4 @@
-"""Re-render report.md and tradeoff.png from a bench report.json (e.g. one copied back from a Jetson).
+"""Re-render report.md, tradeoff.png and confusion.png from a bench report.json (e.g. one copied back from a Jetson).
 
     python tools/render_report.py path/to/report.json [--out DIR]
 """
@@ -25,7 +25,7 @@ def main() -> None:
         sys.exit(f"error: {exc}")
     out.mkdir(parents=True, exist_ok=True)
     write_reports(report, out)
-    print(f"wrote {out / 'report.md'} and {out / 'tradeoff.png'}")
+    print(f"wrote {out / 'report.md'}, {out / 'tradeoff.png'} and {out / 'confusion.png'}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """One inference-backend interface, so accuracy and latency are written once for PyTorch, ONNX Runtime and TensorRT.
 
 A backend takes a normalised float32 batch (numpy, N x C x H x W) and returns logits (numpy). On CUDA,
-``device_compute_ms`` times the compute alone with CUDA events, inputs already on the device.
+``device_compute_ms`` times the compute alone with CUDA events recorded on the stream the work runs on, inputs
+already on the device (what trtexec calls GPU compute time). ONNX Runtime and TensorRT each run on a CUDA stream of
+their own; PyTorch runs on its current stream.
 """
 
 from __future__ import annotations
@@ -36,23 +38,27 @@ class InferenceBackend(ABC):
         """GPU compute time per call with inputs already on the device; None on a CPU."""
         return None
 
-    def peak_device_memory_bytes(self) -> int | None:
-        return None
 
-
-def _cuda_event_times(run, iterations: int, warmup: int) -> list[float]:
+def _cuda_event_times(run, iterations: int, warmup: int, stream: torch.cuda.Stream) -> list[float]:
+    """Milliseconds between two CUDA events around each call, both recorded on ``stream``: the stream ``run``
+    enqueues its work on (events on another stream would time that stream, not the work)."""
     for _ in range(warmup):
         run()
-    torch.cuda.synchronize()
+    stream.synchronize()
     times = []
     for _ in range(iterations):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+        start.record(stream)
         run()
-        end.record()
+        end.record(stream)
         end.synchronize()
         times.append(start.elapsed_time(end))
     return times
+
+
+def cuda_index(device: torch.device) -> int:
+    """The N of cuda:N (plain "cuda" means the current device)."""
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 class TorchBackend(InferenceBackend):
@@ -68,25 +74,27 @@ class TorchBackend(InferenceBackend):
         self.dtype = torch.float16 if precision == "fp16" else torch.float32
         self.model = model.eval().to(device=device, dtype=self.dtype)
         if device.type == "cuda":
+            # The baseline at its best, as TensorRT is at its: cuDNN picks the fastest kernel per input shape (the
+            # warm-up pays for the search), and channels_last weights and inputs take the tensor-core kernels.
+            torch.backends.cudnn.benchmark = True
             self.model = self.model.to(memory_format=torch.channels_last)
-            torch.cuda.reset_peak_memory_stats(device)
         else:
             self.threads = torch.get_num_threads()
 
+    def _device_batch(self, images: np.ndarray) -> torch.Tensor:
+        batch = torch.from_numpy(images).to(self.torch_device, dtype=self.dtype)
+        return batch.contiguous(memory_format=torch.channels_last) if self.device == "cuda" else batch
+
     @torch.inference_mode()
     def predict(self, images: np.ndarray) -> np.ndarray:
-        batch = torch.from_numpy(images).to(self.torch_device, dtype=self.dtype)
-        return self.model(batch).float().cpu().numpy()
+        return self.model(self._device_batch(images)).float().cpu().numpy()
 
     @torch.inference_mode()
     def device_compute_ms(self, images, iterations, warmup):
         if self.device != "cuda":
             return None
-        batch = torch.from_numpy(images).to(self.torch_device, dtype=self.dtype)
-        return _cuda_event_times(lambda: self.model(batch), iterations, warmup)
-
-    def peak_device_memory_bytes(self):
-        return torch.cuda.max_memory_allocated(self.torch_device) if self.device == "cuda" else None
+        batch = self._device_batch(images)
+        return _cuda_event_times(lambda: self.model(batch), iterations, warmup, torch.cuda.current_stream(self.torch_device))
 
 
 class OnnxRuntimeBackend(InferenceBackend):
@@ -98,11 +106,16 @@ class OnnxRuntimeBackend(InferenceBackend):
         if not path.is_file():
             raise BackendUnavailable(f"{path.name} not found (run dfad-edge export{' --int8' if precision == 'int8' else ''}"
                                      f"{' --fp16' if precision == 'fp16' else ''})")
-        available = ort.get_available_providers()
+        self.precision, self.device, self.artifact, self.torch_device = precision, device.type, path, device
         if device.type == "cuda":
-            if "CUDAExecutionProvider" not in available:
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise BackendUnavailable("onnxruntime has no CUDAExecutionProvider here (pip install onnxruntime-gpu)")
-            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+            # ONNX Runtime's kernels run on this stream of ours (not the default stream, which it refuses), so CUDA
+            # events recorded on it time ONNX Runtime's compute.
+            self.stream = torch.cuda.Stream(device=device)
+            providers = [("CUDAExecutionProvider", {"device_id": cuda_index(device),
+                                                    "user_compute_stream": str(self.stream.cuda_stream)}),
+                         "CPUExecutionProvider"]
         else:
             providers = ["CPUExecutionProvider"]
         # On a CPU: the same thread count as PyTorch, so CPU rows compare like with like.
@@ -110,9 +123,11 @@ class OnnxRuntimeBackend(InferenceBackend):
         try:
             self.session = ort_session(path, providers, threads)
         except Exception as exc:  # noqa: BLE001 - an unsupported graph on this provider is a skip, not a crash
-            raise BackendUnavailable(f"onnxruntime cannot load {path.name} on {providers[0]}: {str(exc)[:200]}") from None
-        self.precision, self.device, self.artifact = precision, device.type, path
+            raise BackendUnavailable(f"onnxruntime cannot load {path.name} on {device.type}: {str(exc)[:200]}") from None
         self.provider = self.session.get_providers()[0]
+        if device.type == "cuda" and self.provider != "CUDAExecutionProvider":
+            raise BackendUnavailable("onnxruntime could not start its CUDA provider (CUDA or cuDNN libraries missing?) "
+                                     "and fell back to the CPU")
         self.input_name = self.session.get_inputs()[0].name
         self.threads = threads
 
@@ -123,62 +138,100 @@ class OnnxRuntimeBackend(InferenceBackend):
         if self.device != "cuda":
             return None
         # IO binding keeps input and output on the GPU, so this times compute without host copies.
+        index = cuda_index(self.torch_device)
+        with torch.cuda.stream(self.stream):
+            device_input = torch.from_numpy(images.astype(np.float32, copy=False)).to(self.torch_device)
+        self.stream.synchronize()
         binding = self.session.io_binding()
-        device_input = torch.from_numpy(images).cuda()
-        binding.bind_input(self.input_name, "cuda", 0, np.float32, list(device_input.shape), device_input.data_ptr())
-        binding.bind_output(self.session.get_outputs()[0].name, "cuda")
-        return _cuda_event_times(lambda: self.session.run_with_iobinding(binding), iterations, warmup)
+        binding.bind_input(self.input_name, "cuda", index, np.float32, list(device_input.shape), device_input.data_ptr())
+        binding.bind_output(self.session.get_outputs()[0].name, "cuda", index)
+        return _cuda_event_times(lambda: self.session.run_with_iobinding(binding), iterations, warmup, self.stream)
+
+
+def torch_dtype(trt, tensor_type) -> torch.dtype:
+    """The PyTorch dtype of a TensorRT tensor type (engine.get_tensor_dtype), whichever TensorRT version has it."""
+    names = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT8": torch.int8,
+             "UINT8": torch.uint8, "INT32": torch.int32, "INT64": torch.int64, "BOOL": torch.bool}
+    for name, dtype in names.items():
+        if getattr(trt.DataType, name, None) == tensor_type:
+            return dtype
+    raise BackendUnavailable(f"the engine has a {tensor_type} input or output, which dfad-edge cannot feed or read")
 
 
 class TensorRTBackend(InferenceBackend):
+    """An engine run on a CUDA stream of its own, with the optimisation profile tuned for each batch size.
+
+    Input and output buffers take the engine's own tensor types, and the buffers bound to the context stay
+    referenced until the next binding replaces them: TensorRT reads and writes them asynchronously on the stream."""
+
     name = "tensorrt"
 
     def __init__(self, engine_path: Path, precision: str, device: torch.device):
-        from ..export.tensorrt_build import check_engine_compatible, cuda_gpu, import_tensorrt
+        from ..export.tensorrt_build import LoadedEngine, check_engine_compatible, cuda_gpu, import_tensorrt
 
         try:
             trt = import_tensorrt()
         except DfadError:
             raise BackendUnavailable("TensorRT is not installed (pip install 'dfad-edge[tensorrt]' on a GPU machine; "
                                      "JetPack's system TensorRT on a Jetson)") from None
-        if device.type != "cuda":
-            raise BackendUnavailable("TensorRT needs a CUDA GPU (bench --device cuda)")
-        try:
-            gpu = cuda_gpu()
-        except DfadError as exc:
-            raise BackendUnavailable(str(exc).split(". ")[0]) from None
         if not engine_path.is_file():
-            raise BackendUnavailable(f"{engine_path.name} not found (run dfad-edge export --tensorrt on this machine)")
+            raise BackendUnavailable(f"{engine_path.name} not found (run dfad-edge build-engines on this machine)")
         try:
-            sidecar = check_engine_compatible(engine_path, trt.__version__, gpu)
+            check_engine_compatible(engine_path, trt.__version__, cuda_gpu(device))
+            with torch.cuda.device(device):  # deserialized, and later run, on the GPU bench was given
+                self.trt_engine = LoadedEngine(engine_path, trt)
+                self.stream = torch.cuda.Stream(device=device)
         except DfadError as exc:
             raise BackendUnavailable(str(exc)) from None
-        self.max_batch = sidecar["batch_range"][-1]
-        logger = trt.Logger(trt.Logger.WARNING)
-        self.engine = trt.Runtime(logger).deserialize_cuda_engine(engine_path.read_bytes())
-        if self.engine is None:
-            raise BackendUnavailable(f"TensorRT could not deserialize {engine_path.name}")
-        self.context = self.engine.create_execution_context()
-        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        self.input_name = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
-        self.output_name = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
-        self.precision, self.device, self.artifact = precision, "cuda", engine_path
+        self.precision, self.device, self.artifact, self.torch_device = precision, "cuda", engine_path, device
+        engine = self.trt_engine.engine
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        self.input_name = next(n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
+        self.output_name = next(n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
+        self.input_dtype = torch_dtype(trt, engine.get_tensor_dtype(self.input_name))
+        self.output_dtype = torch_dtype(trt, engine.get_tensor_dtype(self.output_name))
+        # (min, opt, max) batch of each optimisation profile, as the engine holds them.
+        self.profiles = [tuple(int(shape[0]) for shape in engine.get_tensor_profile_shape(self.input_name, index))
+                         for index in range(engine.num_optimization_profiles)]
+        self.max_batch = max(largest for _, _, largest in self.profiles)
+        self.active_profile: int | None = None
+        self.bound: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def profile_for(self, batch_size: int) -> int:
+        """The profile tuned for this batch size (opt == batch) or else the one tuned nearest to it."""
+        serving = [i for i, (smallest, _, largest) in enumerate(self.profiles) if smallest <= batch_size <= largest]
+        if not serving:
+            raise DfadError(f"no optimisation profile of {self.artifact.name} serves batch {batch_size} "
+                            f"(profiles {self.profiles}); rebuild with dfad-edge build-engines --max-batch")
+        return min(serving, key=lambda i: abs(self.profiles[i][1] - batch_size))
 
     def _bind(self, device_input: torch.Tensor) -> torch.Tensor:
-        self.context.set_input_shape(self.input_name, tuple(device_input.shape))
-        output = torch.empty(tuple(self.context.get_tensor_shape(self.output_name)), dtype=torch.float32, device="cuda")
-        self.context.set_tensor_address(self.input_name, device_input.data_ptr())
-        self.context.set_tensor_address(self.output_name, output.data_ptr())
+        profile = self.profile_for(device_input.shape[0])
+        context = self.trt_engine.context
+        if profile != self.active_profile:
+            context.set_optimization_profile_async(profile, self.stream.cuda_stream)
+            self.active_profile = profile
+        context.set_input_shape(self.input_name, tuple(device_input.shape))
+        output = torch.empty(tuple(context.get_tensor_shape(self.output_name)), dtype=self.output_dtype,
+                             device=self.torch_device)
+        context.set_tensor_address(self.input_name, device_input.data_ptr())
+        context.set_tensor_address(self.output_name, output.data_ptr())
+        self.bound = (device_input, output)
         return output
 
+    def _device_input(self, images: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(images).to(self.torch_device, dtype=self.input_dtype)
+
     def predict(self, images: np.ndarray) -> np.ndarray:
-        device_input = torch.from_numpy(images).cuda()
-        output = self._bind(device_input)
-        self.context.execute_async_v3(torch.cuda.current_stream().cuda_stream)
-        return output.cpu().numpy()
+        # Copies, execution and the copy back are all enqueued on the engine's stream, in that order.
+        with torch.cuda.device(self.torch_device), torch.cuda.stream(self.stream):
+            output = self._bind(self._device_input(images))
+            self.trt_engine.context.execute_async_v3(self.stream.cuda_stream)
+            logits = output.float().cpu()
+        return logits.numpy()
 
     def device_compute_ms(self, images, iterations, warmup):
-        device_input = torch.from_numpy(images).cuda()
-        self._bind(device_input)
-        stream = torch.cuda.current_stream().cuda_stream
-        return _cuda_event_times(lambda: self.context.execute_async_v3(stream), iterations, warmup)
+        with torch.cuda.device(self.torch_device), torch.cuda.stream(self.stream):
+            self._bind(self._device_input(images))
+            return _cuda_event_times(lambda: self.trt_engine.context.execute_async_v3(self.stream.cuda_stream),
+                                     iterations, warmup, self.stream)

@@ -77,7 +77,7 @@ def measure_interleaved(backends: dict[str, tuple[InferenceBackend, tuple[int, .
         for key, (backend, shape) in backends.items():
             for batch_size in batch_sizes:
                 if backend.max_batch is not None and batch_size > backend.max_batch:
-                    skipped[key][str(batch_size)] = f"above the engine's maximum batch {backend.max_batch} (export --max-batch)"
+                    skipped[key][str(batch_size)] = f"above the engine's maximum batch {backend.max_batch} (build-engines --max-batch)"
                     continue
                 images = _batch(shape, batch_size, seed)
                 time.sleep(ROW_SWITCH_PAUSE_S)

@@ -53,7 +53,7 @@ class ResNet8x(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-@register_model("resnet18_8x", (32, 32), "DFAD student: ResNet-18, BasicBlocks [2,2,2,2], widths 64-512")
+@register_model("resnet18_8x", (32, 32), "student for 32x32 (DFAD's): ResNet-18 at 32x32, BasicBlocks [2,2,2,2], widths 64-512")
 def resnet18_8x(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
     return ResNet8x([2, 2, 2, 2], num_classes, in_channels)
 

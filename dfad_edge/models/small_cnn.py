@@ -42,6 +42,11 @@ def digits_cnn(num_classes: int = 10, in_channels: int = 1) -> nn.Module:
     return SmallCNN(32, num_classes, in_channels)
 
 
+@register_model("digits_cnn_medium", (8, 8), "small CNN for tiny images (student size, width 16)")
+def digits_cnn_medium(num_classes: int = 10, in_channels: int = 1) -> nn.Module:
+    return SmallCNN(16, num_classes, in_channels)
+
+
 @register_model("digits_cnn_small", (8, 8), "small CNN for 8x8 digits (student size, width 8)")
 def digits_cnn_small(num_classes: int = 10, in_channels: int = 1) -> nn.Module:
     return SmallCNN(8, num_classes, in_channels)
