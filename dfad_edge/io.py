@@ -6,7 +6,8 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 
 def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -56,3 +57,25 @@ def append_jsonl(path: Path, record: dict) -> None:
         handle.write(json.dumps(record, default=str) + "\n")
         handle.flush()
         os.fsync(handle.fileno())
+
+
+@contextmanager
+def run_folder_lock(folder: Path) -> Iterator[None]:
+    """Hold an exclusive lock on a run folder while writing into it: a second run on the same folder stops with one
+    clear line instead of interleaving checkpoints. The OS releases the lock when the process dies, even on kill -9."""
+    import fcntl
+
+    from .errors import DfadError
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    handle = open(folder / ".lock", "a+")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DfadError(f"another dfad-edge run is writing to {folder} right now; wait for it to finish or choose "
+                            "another --out") from None
+        yield
+    finally:
+        handle.close()

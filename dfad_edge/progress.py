@@ -1,4 +1,4 @@
-"""Progress bars for long work (rich), silent when DFAD_EDGE_QUIET is set."""
+"""Progress bars for long work (rich), silent when DFAD_EDGE_QUIET is set and on torchrun ranks other than 0."""
 
 from __future__ import annotations
 
@@ -8,12 +8,15 @@ from typing import Iterable, Iterator, TypeVar
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from .distributed import is_main
+
 T = TypeVar("T")
 console = Console(stderr=True)
 
 
 def quiet() -> bool:
-    return bool(os.environ.get("DFAD_EDGE_QUIET"))
+    """DFAD_EDGE_QUIET set, or a torchrun rank other than 0 (rank 0 speaks for the run)."""
+    return bool(os.environ.get("DFAD_EDGE_QUIET")) or not is_main()
 
 
 def new_progress() -> Progress:

@@ -21,17 +21,44 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def has_native_bf16(device: torch.device) -> bool:
+    """bf16 at full speed: tensor cores of compute capability 8.0+ (Ampere, Hopper, Orin). Older GPUs (T4, V100, Xavier)
+    report bf16 as supported but emulate it, slowly; torch.cuda.is_bf16_supported() says yes there too."""
+    if device.type != "cuda":
+        return False
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def cpu_bf16_instructions() -> list[str]:
+    """The CPU's native bf16 instruction sets (AVX512-BF16 on Zen 4 / Cooper Lake and later, AMX-BF16 on Sapphire
+    Rapids and later), read from /proc/cpuinfo; empty where there are none or the flags cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            flags = next((line.split(":", 1)[1].split() for line in handle if line.startswith("flags")), [])
+    except OSError:
+        return []
+    return [flag for flag in ("avx512_bf16", "amx_bf16") if flag in flags]
+
+
 def autocast_dtype(device: torch.device, mode: str = "auto") -> torch.dtype | None:
-    """The mixed-precision type to train in: bf16 where the hardware has it, fp16 on older GPUs, none on CPU by default."""
+    """The mixed-precision type to train in: bf16 where the hardware runs it natively (GPUs of compute capability 8.0+,
+    CPUs with AVX512-BF16 or AMX), fp16 with a gradient scaler (see grad_scaler) on older GPUs, fp32 on other CPUs,
+    where bf16 would be emulated and slower."""
     if mode == "off":
         return None
     if mode == "bf16":
         return torch.bfloat16
     if mode == "fp16":
         return torch.float16
-    if device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu":
+        return torch.bfloat16 if cpu_bf16_instructions() else None
+    return torch.bfloat16 if has_native_bf16(device) else torch.float16
+
+
+def grad_scaler(device: torch.device, dtype: torch.dtype | None) -> torch.amp.GradScaler:
+    """fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none (the scaler is then a
+    pass-through whose state is still saved, so a resumed run is the same run)."""
+    return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):

@@ -49,3 +49,22 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
     lines = (tmp_path / "interrupted" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3, 4]
+
+
+def test_without_arch_train_teacher_picks_one_for_the_data_and_says_which(tmp_path):
+    from conftest import run_cli
+
+    result = run_cli("train-teacher", "--data", "digits", "--epochs", "1", "--out", tmp_path / "run", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert "--arch not given: training digits_cnn" in result.output
+    assert load_checkpoint(tmp_path / "run" / "teacher.pt").arch == "digits_cnn"
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["arch"] == "digits_cnn"
+
+
+@pytest.mark.parametrize("data,image_size,expected", [
+    ("cifar10", (32, 32), "resnet56"), ("cifar100", (32, 32), "resnet34_8x"), ("folder", (8, 8), "digits_cnn"),
+    ("folder", (28, 28), "resnet56"), ("folder", (375, 500), "torchvision.resnet18")])
+def test_the_default_teacher_suits_the_data_set_or_its_image_size(data, image_size, expected):
+    from dfad_edge.train_teacher import default_teacher_arch
+
+    assert default_teacher_arch(data, image_size)[0] == expected

@@ -16,7 +16,8 @@ SPLIT_FRACTIONS = {"10%": 0.1, "20%": 0.2, "100%": 1.0}
 
 
 def split_sizes(total: int) -> dict[str, int]:
-    """The first 10%, 20% and 100% of the test set, in the data set's own order."""
+    """The first 10%, 20% and 100% of the test set, in its order: torchvision CIFAR's own (already mixed), digits'
+    fixed stratified split, ImageFolder's classes interleaved in proportion (data.sources.interleave_by_class)."""
     return {name: max(1, math.floor(total * fraction + 1e-9)) for name, fraction in SPLIT_FRACTIONS.items()}
 
 
@@ -37,8 +38,35 @@ def check_compatible(source: DataSource, spec: InputSpec, num_classes: int, clas
         )
 
 
+def resize(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    return F.interpolate(image[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
+
+
+def center_crop(image: torch.Tensor, height: int, width: int, crop_pct: float) -> torch.Tensor:
+    """ImageNet-style evaluation (torchvision's Resize(size / crop_pct) + CenterCrop(size), timm's crop_pct): scale,
+    keeping the aspect ratio, until the image covers size / crop_pct, then take the centre height x width."""
+    cover_h, cover_w = math.floor(height / crop_pct), math.floor(width / crop_pct)
+    image_h, image_w = image.shape[-2:]
+    scale = max(cover_h / image_h, cover_w / image_w)
+    scaled_h, scaled_w = max(cover_h, int(image_h * scale)), max(cover_w, int(image_w * scale))
+    if (scaled_h, scaled_w) != (image_h, image_w):
+        image = resize(image, (scaled_h, scaled_w))
+    top, left = int(round((scaled_h - height) / 2.0)), int(round((scaled_w - width) / 2.0))
+    return image[..., top:top + height, left:left + width]
+
+
+def fit_to_spec(image: torch.Tensor, spec: InputSpec) -> torch.Tensor:
+    """An image of any size at the model's input size, the way its spec says the model was evaluated."""
+    if spec.transform == "center_crop":
+        return center_crop(image, spec.height, spec.width, spec.crop_pct)
+    if image.shape[-2:] != (spec.height, spec.width):
+        image = resize(image, (spec.height, spec.width))
+    return image
+
+
 class SpecTransform(Dataset):
-    """Resize to the model's input size and normalise with the model's own mean and std (plus optional augmentation)."""
+    """Fit to the model's input size (stretched, or ImageNet-style centre crop; see fit_to_spec) and normalise with the
+    model's own mean and std (plus optional augmentation)."""
 
     def __init__(self, base: Dataset, spec: InputSpec, augment: bool = False, allow_flip: bool = True):
         self.base, self.spec, self.augment, self.allow_flip = base, spec, augment, allow_flip
@@ -50,9 +78,7 @@ class SpecTransform(Dataset):
 
     def __getitem__(self, index: int):
         image, label = self.base[index]
-        if image.shape[-2:] != (self.spec.height, self.spec.width):
-            image = F.interpolate(image[None], size=(self.spec.height, self.spec.width), mode="bilinear",
-                                  align_corners=False, antialias=True)[0]
+        image = fit_to_spec(image, self.spec)
         if self.augment:
             image = self._augment(image)
         return (image - self.mean) / self.std, int(label)
@@ -76,5 +102,8 @@ def make_loader(source: DataSource, split: str, spec: InputSpec, batch_size: int
     if workers is None:
         # Decoding image files benefits from worker processes; in-memory tensors do not.
         workers = 0 if source.natural_size and source.name in ("digits",) else min(2, torch.get_num_threads())
+    # Every DataLoader iterator draws a seed for its workers; an ordered (evaluation) loader draws it from a private
+    # generator, so evaluating never moves the training RNG: a run with and without evaluation trains identically.
+    private_rng = None if shuffle else torch.Generator().manual_seed(0)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
-                      persistent_workers=False, drop_last=False)
+                      persistent_workers=False, drop_last=False, generator=private_rng)
