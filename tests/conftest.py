@@ -41,13 +41,25 @@ def digits_teacher(tmp_path_factory) -> Path:
     return out / "teacher.pt"
 
 
+def distill_config(method: str = "pool", preset: str = "tiny", **changes):
+    """A preset with loop options changed by keyword (e.g. epochs=2) and method options by 'options' (a dict)."""
+    from dataclasses import replace
+
+    from dfad_edge.distill import preset_config
+
+    config = preset_config(method, preset, kind="tiny")
+    options = replace(config.options, **changes.pop("options", {}))
+    return replace(config, device="cpu", options=options, **changes)
+
+
 @pytest.fixture(scope="session")
 def distilled_digits(tmp_path_factory, digits_teacher) -> Path:
-    """A run folder of the digits preset (seed 0): student.pt, generator.pt, metrics, samples."""
-    from dfad_edge.distill import DistillRun, preset_config
+    """A run folder of the pool method's preset for a digits teacher (seed 0): student.pt, generator.pt,
+    synthetic.pt, metrics, samples."""
+    from dfad_edge.distill import DistillRun
 
     out = tmp_path_factory.mktemp("digits-distill") / "run"
-    DistillRun(preset_config("digits", device="cpu"), digits_teacher, out, eval_data="digits").run()
+    DistillRun(distill_config(), digits_teacher, out, eval_data="digits").run()
     return out
 
 

@@ -8,63 +8,103 @@ import time
 import pytest
 import torch
 
+from conftest import distill_config, run_cli
 from dfad_edge.checkpoint import load_checkpoint, safe_torch_load
-from dfad_edge.distill import DistillRun, RunInterrupted, preset_config
+from dfad_edge.distill import DistillRun, RunInterrupted, apply_overrides, preset_config
 from dfad_edge.distill.diagnostics import collapse_warning, mean_pairwise_distance, normalised_entropy
 from dfad_edge.distill.losses import class_balance_loss
 from dfad_edge.errors import DfadError
 from dfad_edge.evaluate import evaluate_checkpoint
 
 
-def _tiny(**overrides):
-    """The digits preset cut to a few seconds, for behaviour (not accuracy) tests."""
-    settings = dict(epochs=3, iters_per_epoch=3, batch_size=32, replay_size=256, diagnostic_images=64,
-                    sample_images=16, device="cpu")
-    settings.update(overrides)
-    return preset_config("digits", **settings)
+def _tiny(method: str = "pool", **changes):
+    """The tiny preset cut to a few seconds, for behaviour (not accuracy) tests."""
+    options = {"batch_size": 32, "student_batch": 32, "pool_size": 256} if method == "pool" else \
+              {"batch_size": 32, "replay_size": 256}
+    options.update(changes.pop("options", {}))
+    settings = dict(epochs=3, iters_per_epoch=3, diagnostic_images=64, sample_images=16, options=options)
+    settings.update(changes)
+    return distill_config(method, "tiny", **settings)
 
 
-def test_published_recipe_is_the_default():
-    config = preset_config("cifar100")
-    assert (config.student_arch, config.nz, config.batch_size, config.student_steps) == ("resnet18_8x", 256, 256, 5)
-    assert (config.iters_per_epoch, config.epochs, config.lr_student, config.lr_generator) == (50, 500, 0.1, 1e-3)
-    assert (config.scheduler, config.milestones, config.gamma, config.loss.student) == ("multistep", (100, 200), 0.1, "l1")
-    assert config.loss.bn_stats == 0 and config.loss.class_balance == 0 and config.replay_size == 0
+def _metrics(run) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_published_dfad_recipe_is_its_preset_field_by_field():
+    config = preset_config("dfad", "cifar100")
+    options = config.options
+    assert (config.method, config.student_arch, config.epochs, config.iters_per_epoch) == ("dfad", "resnet18_8x", 500, 50)
+    assert (options.nz, options.ngf, options.batch_size, options.student_steps) == (256, 64, 256, 5)
+    assert (options.lr_student, options.momentum, options.weight_decay, options.lr_generator) == (0.1, 0.9, 5e-4, 1e-3)
+    assert (options.scheduler, options.milestones, options.gamma, options.student_loss) == ("multistep", (100, 200), 0.1, "l1")
+    assert options.bn_stats == 0 and options.class_balance == 0 and options.replay_size == 0 and options.adversarial == 1
     with pytest.raises(DfadError, match="unknown preset"):
-        preset_config("imagenet")
+        preset_config("dfad", "imagenet")
+
+
+def test_the_default_depends_on_the_teachers_input_size_alone():
+    assert preset_config("pool", "auto", "tiny").preset == "tiny"
+    assert preset_config("pool", "auto", "small").method == "pool"
+    for kind in ("tiny", "small", "large"):  # the method as well, when it is left to the default
+        assert preset_config("auto", "auto", kind).preset == kind
+    from dfad_edge.distill import teacher_kind
+
+    assert [teacher_kind(size) for size in (8, 16, 28, 32, 64, 96, 224)] == \
+           ["tiny", "tiny", "small", "small", "small", "large", "large"]
 
 
 def test_distilled_student_keeps_95_percent_of_the_teacher(distilled_digits, digits_teacher):
     teacher = evaluate_checkpoint(digits_teacher, "digits", torch.device("cpu"))["accuracy"]["100%"]
     student = evaluate_checkpoint(distilled_digits / "student.pt", "digits", torch.device("cpu"))["accuracy"]["100%"]
     assert student >= 0.95 * teacher, (student, teacher)
+    result = json.loads((distilled_digits / "result.json").read_text())
+    # The shipped student is the last epoch's, and result.json reports that one, not the best test epoch.
+    assert result["shipped"]["epoch"] == _metrics(distilled_digits)[-1]["epoch"]
+    assert result["shipped"]["test_accuracy"]["100%"] == pytest.approx(student, abs=1e-6)
+    assert "test labels" in result["best_test_epoch"]["note"]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [1, 2])
 def test_other_seeds_also_keep_95_percent(tmp_path, digits_teacher, seed):
-    result = DistillRun(preset_config("digits", seed=seed, device="cpu"), digits_teacher, tmp_path / "run",
-                        eval_data="digits").run()
-    assert result["best"]["accuracy"]["100%"] >= 0.95 * result["teacher_accuracy"]["100%"]
+    result = DistillRun(distill_config(seed=seed), digits_teacher, tmp_path / "run", eval_data="digits").run()
+    assert result["shipped"]["test_accuracy"]["100%"] >= 0.95 * result["teacher_accuracy"]["100%"]
+
+
+@pytest.mark.parametrize("method", ["pool", "dfad"])
+def test_evaluation_observes_only_the_same_student_with_and_without_eval_data(tmp_path, digits_teacher, method):
+    DistillRun(_tiny(method), digits_teacher, tmp_path / "plain").run()
+    DistillRun(_tiny(method), digits_teacher, tmp_path / "evaluated", eval_data="digits").run()
+    plain, evaluated = (safe_torch_load(tmp_path / run / "student.pt") for run in ("plain", "evaluated"))
+    assert all(torch.equal(plain["state_dict"][k], evaluated["state_dict"][k]) for k in plain["state_dict"])
+    assert plain["provenance"] == evaluated["provenance"]
+    assert "accuracy" in _metrics(tmp_path / "evaluated")[-1] and "accuracy" not in _metrics(tmp_path / "plain")[-1]
 
 
 def test_run_folder_holds_what_a_user_reads(distilled_digits):
     config = json.loads((distilled_digits / "config.json").read_text())
-    assert config["preset"] == "digits" and config["loss"]["student"] == "l1" and "teacher" in config
-    metrics = [json.loads(line) for line in (distilled_digits / "metrics.jsonl").read_text().splitlines()]
-    assert [m["epoch"] for m in metrics] == list(range(1, 13))
-    for key in ("loss_student", "loss_generator", "lr_student", "lr_generator", "images_per_s", "accuracy", "collapse"):
+    assert config["method"] == "pool" and config["preset"] == "tiny" and "teacher" in config
+    assert config["pool"]["temperature"] > 0 and config["resolved"]["device"] == "cpu"
+    metrics = _metrics(distilled_digits)
+    assert [m["epoch"] for m in metrics] == list(range(1, config["epochs"] + 1))
+    for key in ("loss_student", "loss_bn_stats", "lr_student", "images_per_s", "accuracy", "collapse",
+                "synthetic_agreement"):
         assert key in metrics[-1]
-    assert {"class_entropy", "classes_predicted", "image_diversity"} <= set(metrics[-1]["collapse"])
+    assert {"class_entropy", "classes_predicted", "image_diversity", "pool_images", "pool_class_entropy"} <= \
+           set(metrics[-1]["collapse"])
     student = load_checkpoint(distilled_digits / "student.pt")
-    assert student.provenance["command"] == "distill" and student.arch == "digits_cnn_small"
-    assert (distilled_digits / "samples" / "epoch_0012.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert safe_torch_load(distilled_digits / "generator.pt")["format"] == "dfad-edge-generator/1"
+    assert student.provenance["command"] == "distill" and student.provenance["method"] == "pool"
+    assert (distilled_digits / "samples" / f"epoch_{len(metrics):04d}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    synthetic = safe_torch_load(distilled_digits / "synthetic.pt")
+    assert synthetic["format"] == "dfad-edge-synthetic/1" and synthetic["images"].shape[1:] == (1, 8, 8)
 
 
-def test_healthy_generator_is_not_collapsed(distilled_digits):
-    last = json.loads((distilled_digits / "metrics.jsonl").read_text().splitlines()[-1])["collapse"]
+def test_healthy_synthesis_is_not_collapsed(distilled_digits):
+    last = _metrics(distilled_digits)[-1]["collapse"]
     assert last["classes_predicted"] == 10 and last["class_entropy"] > 0.9 and last["image_diversity"] > 0.5
+    assert last["pool_class_entropy"] > 0.9
+    assert last["flip"] is False  # a digits teacher is not flip-invariant: mirrored digits would teach wrong labels
 
 
 def test_collapse_diagnostics_tell_collapse_from_health():
@@ -80,15 +120,18 @@ def test_collapse_diagnostics_tell_collapse_from_health():
     assert class_balance_loss(one_class) > class_balance_loss(torch.randn(8, 3) * 0.01)
 
 
-def test_teacher_stays_frozen_in_eval_mode_and_the_generator_learns(tmp_path, digits_teacher):
-    run = DistillRun(_tiny(), digits_teacher, tmp_path / "run")
-    teacher_state = {k: v.clone() for k, v in run.teacher.state_dict().items()}
-    generator_before = {k: v.clone() for k, v in run.generator.named_parameters()}
+@pytest.mark.parametrize("method", ["pool", "dfad"])
+def test_teacher_stays_frozen_in_eval_mode_and_the_generator_and_student_learn(tmp_path, digits_teacher, method):
+    run = DistillRun(_tiny(method, options={"warmup": 0.0} if method == "pool" else {}), digits_teacher, tmp_path / "run")
+    teacher_state = {k: v.clone() for k, v in run.setup.teacher.state_dict().items()}
+    generator_before = {k: v.clone() for k, v in run.method.generator.named_parameters()}
+    student_before = {k: v.clone() for k, v in run.student.named_parameters()}
     for _ in range(2):
-        run.iteration()
-    assert not run.teacher.training
-    assert all(torch.equal(teacher_state[k], v) for k, v in run.teacher.state_dict().items())
-    assert any(not torch.equal(generator_before[k], v) for k, v in run.generator.named_parameters())
+        run.method.iteration(0.5)
+    assert not run.setup.teacher.training
+    assert all(torch.equal(teacher_state[k], v) for k, v in run.setup.teacher.state_dict().items())
+    assert any(not torch.equal(generator_before[k], v) for k, v in run.method.generator.named_parameters())
+    assert any(not torch.equal(student_before[k], v) for k, v in run.student.named_parameters())
 
 
 def test_teacher_with_another_input_size_sees_a_resized_view(tmp_path, digits_teacher):
@@ -97,52 +140,83 @@ def test_teacher_with_another_input_size_sees_a_resized_view(tmp_path, digits_te
     teacher.save(tmp_path / "teacher16.pt")
     run = DistillRun(_tiny(), tmp_path / "teacher16.pt", tmp_path / "run")
     seen = []
-    run.teacher.register_forward_hook(lambda _m, inputs, _o: seen.append(tuple(inputs[0].shape[-2:])))
-    run.iteration()
+    run.setup.teacher.register_forward_hook(lambda _m, inputs, _o: seen.append(tuple(inputs[0].shape[-2:])))
+    run.method.iteration(0.5)
     assert set(seen) == {(16, 16)}
-    assert (run.student_spec.height, run.generator_kwargs["img_size"]) == (8, 8)
+    assert run.student_spec.height == 8 and run.method.pool.stored.shape[-2:] == (8, 8)
 
 
-def test_lr_schedule_steps_per_epoch_not_per_iteration(tmp_path, digits_teacher):
-    run = DistillRun(_tiny(epochs=2, milestones=(2,)), digits_teacher, tmp_path / "run")
-    run.run()
-    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    # 3 iterations per epoch: stepped per iteration, the LR would already have dropped during epoch 1.
-    assert metrics[0]["lr_student"] == pytest.approx(0.05) and metrics[1]["lr_student"] == pytest.approx(0.005)
+def test_logged_learning_rate_is_the_one_the_epoch_trained_with(tmp_path, digits_teacher):
+    config = _tiny("dfad", epochs=3, options={"milestones": (2,)})
+    DistillRun(config, digits_teacher, tmp_path / "run").run()
+    rates = [m["lr_student"] for m in _metrics(tmp_path / "run")]
+    # Stepped once per epoch (as the paper's MultiStepLR): two epochs at the base rate, then the drop. Logged after
+    # the scheduler stepped, epoch 2's line would already show the dropped rate.
+    assert rates == pytest.approx([0.05, 0.05, 0.005])
 
 
-def test_resume_after_sigterm_reaches_the_same_student(tmp_path, digits_teacher, monkeypatch):
-    DistillRun(_tiny(), digits_teacher, tmp_path / "straight").run()
+def test_a_time_budget_ends_the_run_on_time_with_the_learning_rate_run_down(tmp_path, digits_teacher):
+    config = _tiny(budget_minutes=0.15, epochs=3, options={"warmup": 0.0})
+    started = time.perf_counter()
+    result = DistillRun(config, digits_teacher, tmp_path / "run").run()
+    metrics = _metrics(tmp_path / "run")
+    assert result["epochs_run"] == 3 and [m["epoch"] for m in metrics] == [1, 2, 3]
+    assert 9 <= result["train_seconds"] <= 9 + 8 and time.perf_counter() - started < 60
+    # Cosine over the budget: each epoch starts lower, the last one well below the start.
+    rates = [m["lr_student"] for m in metrics]
+    assert rates[0] > rates[1] > rates[2] and rates[2] < 0.5 * rates[0]
+    assert all(m["iterations"] >= 1 for m in metrics)
 
-    interrupted = DistillRun(_tiny(), digits_teacher, tmp_path / "interrupted")
+
+@pytest.mark.parametrize("method", ["pool", "dfad"])
+def test_resume_after_sigterm_reaches_the_same_student(tmp_path, digits_teacher, monkeypatch, method):
+    DistillRun(_tiny(method), digits_teacher, tmp_path / "straight").run()
+
+    interrupted = DistillRun(_tiny(method), digits_teacher, tmp_path / "interrupted")
     calls = []
-    real_iteration = interrupted.iteration
+    real_iteration = interrupted.method.iteration
 
-    def iteration_then_sigterm():
-        terms = real_iteration()
+    def iteration_then_sigterm(progress):
+        terms = real_iteration(progress)
         calls.append(1)
         if len(calls) == 5:  # mid-epoch 2
             os.kill(os.getpid(), signal.SIGTERM)
         return terms
 
-    monkeypatch.setattr(interrupted, "iteration", iteration_then_sigterm)
+    monkeypatch.setattr(interrupted.method, "iteration", iteration_then_sigterm)
     with pytest.raises(RunInterrupted, match="--resume"):
         interrupted.run()
     state = safe_torch_load(tmp_path / "interrupted" / "last.pt")
     assert (state["epoch"], state["iteration"]) == (1, 2)
 
-    DistillRun(_tiny(), digits_teacher, tmp_path / "interrupted", resume=True).run()
+    DistillRun(_tiny(method), digits_teacher, tmp_path / "interrupted", resume=True).run()
     straight = load_checkpoint(tmp_path / "straight" / "student.pt").state_dict
     resumed = load_checkpoint(tmp_path / "interrupted" / "student.pt").state_dict
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
-    epochs = [json.loads(line)["epoch"] for line in (tmp_path / "interrupted" / "metrics.jsonl").read_text().splitlines()]
-    assert epochs == [1, 2, 3]
+    assert [m["epoch"] for m in _metrics(tmp_path / "interrupted")] == [1, 2, 3]
+
+
+def test_the_pool_is_saved_in_shards_beside_the_checkpoint_not_inside_it(tmp_path, digits_teacher):
+    DistillRun(_tiny(options={"pool_size": 5000}), digits_teacher, tmp_path / "run").run()
+    state = safe_torch_load(tmp_path / "run" / "last.pt")
+    per_iteration = 32 * (1 + _tiny().options.samples_per_step)  # each synthesised batch and its sampled ones
+    assert state["method"]["pool_count"] == 9 * per_iteration
+    assert not any(torch.is_tensor(value) and value.dtype == torch.uint8 for value in state["method"].values())
+    shards = sorted((tmp_path / "run" / "pool").glob("shard_*.pt"))
+    assert [s.name for s in shards] == ["shard_00000.pt"]
+    before = shards[0].stat().st_mtime_ns
+    resumed = DistillRun(_tiny(options={"pool_size": 5000}), digits_teacher, tmp_path / "run", resume=True)
+    resumed.method.load_state_dict(state["method"], tmp_path / "run")
+    pool = resumed.method.pool
+    assert pool.filled == 9 * per_iteration and pool.stored[:pool.filled].float().std() > 0
+    pool.save(tmp_path / "run" / "pool")  # nothing changed since the last save: nothing is rewritten
+    assert shards[0].stat().st_mtime_ns == before
 
 
 def test_kill_9_loses_at_most_the_work_since_the_last_checkpoint(tmp_path, digits_teacher):
     out = tmp_path / "run"
     command = [sys.executable, "-m", "dfad_edge", "distill", "--teacher", str(digits_teacher), "--out", str(out),
-               "--preset", "digits", "--epochs", "40", "--iters-per-epoch", "5", "--device", "cpu"]
+               "--device", "cpu", "--set", "epochs=40", "--set", "iters_per_epoch=2", "--set", "diagnostic_images=64"]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and not (out / "last.pt").exists():
@@ -152,27 +226,68 @@ def test_kill_9_loses_at_most_the_work_since_the_last_checkpoint(tmp_path, digit
     process.wait()
     saved_epoch = safe_torch_load(out / "last.pt")["epoch"]
     assert 1 <= saved_epoch < 40
-    resumed = subprocess.run(command + ["--resume"], capture_output=True, text=True, timeout=600)
+    resume = [sys.executable, "-m", "dfad_edge", "distill", "--out", str(out), "--resume"]
+    resumed = subprocess.run(resume, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
-    epochs = [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert epochs == list(range(1, 41))
+    assert [m["epoch"] for m in _metrics(out)] == list(range(1, 41))
 
 
 def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp_path, digits_teacher, monkeypatch):
-    run = DistillRun(_tiny(), digits_teacher, tmp_path / "run")
-    real_step, calls = run.student_step, []
+    run = DistillRun(_tiny(log_every=1), digits_teacher, tmp_path / "run")
+    real_iteration, calls = run.method.iteration, []
 
-    def nan_in_epoch_2():
+    def nan_in_epoch_2(progress):
         calls.append(1)
-        return float("nan") if len(calls) > 3 * 5 else real_step()
+        terms = real_iteration(progress)
+        if len(calls) > 3:
+            terms["loss_student"] = torch.tensor(float("nan"))
+        return terms
 
-    monkeypatch.setattr(run, "student_step", nan_in_epoch_2)
+    monkeypatch.setattr(run.method, "iteration", nan_in_epoch_2)
     with pytest.raises(DfadError, match="non-finite loss at epoch 2"):
         run.run()
     assert safe_torch_load(tmp_path / "run" / "last.pt")["epoch"] == 1
 
 
-def test_an_existing_run_is_not_overwritten(tmp_path, digits_teacher):
+def test_an_existing_or_busy_run_folder_is_not_written_into(tmp_path, digits_teacher):
+    from dfad_edge.io import run_folder_lock
+
     DistillRun(_tiny(epochs=1), digits_teacher, tmp_path / "run").run()
     with pytest.raises(DfadError, match="--resume"):
         DistillRun(_tiny(epochs=1), digits_teacher, tmp_path / "run")
+    with run_folder_lock(tmp_path / "busy"), pytest.raises(DfadError, match="another dfad-edge run"):
+        DistillRun(_tiny(epochs=1), digits_teacher, tmp_path / "busy").run()
+
+
+@pytest.mark.parametrize("assignment,message", [
+    ("lr_student=-0.1", "lr_student must be > 0"),
+    ("momentum=1.5", "momentum must be < 1"),
+    ("epochs=0", "epochs must be >= 1"),
+    ("warmup=nan", "warmup must be a finite number"),
+    ("pool_size=16", "smaller than student_batch"),
+    ("no_such_option=1", "no such option"),
+    ("batch_size=many", "expected int"),
+])
+def test_bad_settings_are_one_clear_line_before_anything_runs(tmp_path, digits_teacher, assignment, message):
+    result = run_cli("distill", "--teacher", digits_teacher, "--out", tmp_path / "run", "--method", "pool",
+                     "--set", assignment)
+    assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_replay_memory_smaller_than_its_share_of_a_batch_is_refused():
+    config = apply_overrides(preset_config("dfad", "tiny"), ["replay_size=10", "batch_size=128"])
+    with pytest.raises(DfadError, match="every student batch would shrink"):
+        config.validate()
+
+
+def test_budget_and_help_are_understood(tmp_path, digits_teacher):
+    from dfad_edge.cli import parse_budget
+
+    assert parse_budget("30m") == 30 and parse_budget("2h") == 120 and parse_budget("1h30m") == 90
+    assert parse_budget("90s") == 1.5 and parse_budget("45") == 45
+    result = run_cli("distill", "--teacher", digits_teacher, "--out", tmp_path / "r", "--budget", "soon")
+    assert result.exit_code == 2 and "30m" in result.output
+    help_text = run_cli("distill", "--help").output
+    for option in ("lr_student", "synth_steps", "replay_size", "budget_minutes", "temperature"):
+        assert option in help_text

@@ -1,6 +1,9 @@
-"""Stage 1: data-free adversarial distillation (generator vs student, teacher as judge)."""
+"""Stage 1: data-free distillation. One loop (loop.py) shared by every method; one file per method (dfad.py, pool.py)."""
 
-from .config import PRESETS, DistillConfig, LossConfig, preset_config
-from .trainer import DistillRun, RunInterrupted, load_generator
+from . import dfad, pool  # noqa: F401  (registration side effects)
+from .config import PRESETS, DistillConfig, apply_overrides, options_reference, preset_config, teacher_kind
+from .loop import DistillRun, RunInterrupted, load_synthetic_images
+from .method import METHODS
 
-__all__ = ["PRESETS", "DistillConfig", "DistillRun", "LossConfig", "RunInterrupted", "load_generator", "preset_config"]
+__all__ = ["METHODS", "PRESETS", "DistillConfig", "DistillRun", "RunInterrupted", "apply_overrides",
+           "load_synthetic_images", "options_reference", "preset_config", "teacher_kind"]

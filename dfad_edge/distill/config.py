@@ -1,99 +1,166 @@
-"""Distillation configuration as data. The defaults are the published DFAD recipe (Fang et al., 2019)."""
+"""Distillation configuration as data: the loop's options (shared by every method) and each method's own options,
+each declared once with its help and valid range (dfad_edge.options), and presets as named instances.
+
+``--method dfad --preset cifar100`` is the published DFAD recipe field by field. With no method or preset, the
+default is the best configuration measured for the teacher's kind of data, chosen from its input size alone
+(never from a data set's name): tiny images (<= 16 px), small (<= 64 px) or large.
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 
 from ..errors import DfadError
+from ..options import field_names, from_plain, option, option_help, parse_value, validate_options
+from .dfad import DfadOptions
+from .method import method_class
+from .pool import PoolOptions
 
-
-@dataclass
-class LossConfig:
-    # Student: match the teacher's logits. DFAD uses mean absolute error (L1); KL and MSE are alternatives.
-    student: str = "l1"
-    temperature: float = 1.0  # for KL only
-    # Generator: maximise the same discrepancy (adversarial term, weight 1), plus remedies against mode
-    # collapse that go beyond plain DFAD. Zero weight = off = the published recipe.
-    bn_stats: float = 0.0  # DeepInversion: synthetic batches match the teacher's BatchNorm statistics
-    class_balance: float = 0.0  # DAFL: the teacher's mean prediction over a batch should be uniform
-    adversarial: float = 1.0
+KINDS = ("tiny", "small", "large")
 
 
 @dataclass
 class DistillConfig:
-    preset: str = "cifar100"
-    student_arch: str = "resnet18_8x"
-    student_input_size: tuple[int, int] | None = None  # None: the student architecture's own
-    nz: int = 256
-    ngf: int = 64
-    batch_size: int = 256
-    student_steps: int = 5  # student updates per generator update
-    iters_per_epoch: int = 50
-    epochs: int = 500
-    lr_student: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    lr_generator: float = 1e-3
-    scheduler: str = "multistep"  # multistep | cosine | step; stepped once per epoch
-    milestones: tuple[int, ...] = (100, 200)
-    step_size: int = 100  # for scheduler "step"
-    gamma: float = 0.1
-    loss: LossConfig = field(default_factory=LossConfig)
-    replay_size: int = 0  # images kept from past generator batches and mixed into student steps; 0 = off
-    replay_fraction: float = 0.5
-    diagnostic_images: int = 512
-    sample_images: int = 64
-    eval_every: int = 1
-    seed: int = 0
-    device: str = "auto"
-    amp: str = "auto"  # auto (bf16/fp16 on CUDA, off on CPU) | off | bf16 | fp16
-    channels_last: bool = True  # faster on CUDA and, measured here, ~24% faster for ResNets on an AVX2 CPU
-    compile: bool = False
-    max_minutes: float | None = None  # stop cleanly after this much training time (evaluation not counted)
+    """The loop's options; ``options`` holds the chosen method's."""
+
+    method: str = option("pool", "distillation method", choices=("dfad", "pool"))
+    preset: str = option("custom", "the named configuration this one started from")
+    student_arch: str = option("resnet20", "student architecture (dfad-edge models)")
+    student_input_size: tuple[int, ...] | None = option(None, "student HxW (default: the architecture's)", min=1)
+    epochs: int = option(100, "epochs: evaluation, diagnostics and checkpoints happen at each epoch's end", min=1)
+    iters_per_epoch: int = option(20, "method iterations per epoch (with a budget: as many as fit)", min=1)
+    budget_minutes: float | None = option(None, "train for this long; the schedule is planned to end then", above=0)
+    seed: int = option(0, "seed of every random number in the run", min=0)
+    device: str = option("auto", "auto, cpu or cuda[:N]")
+    amp: str = option("auto", "mixed precision: auto picks bf16 where the hardware runs it natively",
+                      choices=("auto", "off", "bf16", "fp16"))
+    channels_last: bool = option(True, "NHWC memory format (faster convolutions on CUDA and x86)")
+    compile: bool = option(False, "torch.compile the student and teacher")
+    eval_every: int = option(1, "epochs between test-set evaluations (with --eval-data; observed only)", min=1)
+    diagnostic_images: int = option(512, "synthetic images for the collapse diagnostics each epoch", min=2)
+    sample_images: int = option(64, "images in each epoch's sample grid", min=1)
+    log_every: int = option(10, "iterations between reading losses back to the host (NaN check, progress bar)", min=1)
+    options: DfadOptions | PoolOptions = field(default_factory=PoolOptions, metadata={"help": "the method's options"})
 
     def validate(self) -> None:
-        if self.loss.student not in ("l1", "kl", "mse"):
-            raise DfadError(f"unknown student loss '{self.loss.student}': use l1, kl or mse")
-        if self.scheduler not in ("multistep", "cosine", "step"):
-            raise DfadError(f"unknown scheduler '{self.scheduler}': use multistep, cosine or step")
-        for name in ("batch_size", "student_steps", "iters_per_epoch", "epochs", "nz", "ngf"):
-            if getattr(self, name) <= 0:
-                raise DfadError(f"{name} must be positive, got {getattr(self, name)}")
-        if not 0.0 <= self.replay_fraction < 1.0:
-            raise DfadError(f"replay_fraction must be in [0, 1), got {self.replay_fraction}")
+        validate_options(self)
+        expected = method_class(self.method).options_class
+        if not isinstance(self.options, expected):
+            raise DfadError(f"method '{self.method}' takes {expected.__name__}, got {type(self.options).__name__}")
+        validate_options(self.options, prefix=f"{self.method}.")
+        self.options.validate()
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        data = asdict(self)
+        data[self.method] = data.pop("options")
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> "DistillConfig":
         data = dict(data)
-        loss = LossConfig(**data.pop("loss", {}))
-        for key in ("milestones", "student_input_size"):
-            if data.get(key) is not None:
-                data[key] = tuple(data[key])
-        known = {f.name for f in fields(cls)}
-        return cls(loss=loss, **{k: v for k, v in data.items() if k in known})
+        method = data.get("method", "pool")
+        options = from_plain(method_class(method).options_class, data.pop(method, {}))
+        known = {key: value for key, value in data.items() if key in field_names(cls) and key != "options"}
+        unknown = set(data) - set(known) - {"options"}
+        if unknown:
+            raise DfadError(f"unknown distill option(s): {', '.join(sorted(unknown))}")
+        return replace(from_plain(cls, {k: v for k, v in known.items()}), options=options)
 
 
-PRESETS: dict[str, DistillConfig] = {
-    # The paper's CIFAR-100 set-up: ResNet-34 teacher -> ResNet-18 student.
-    "cifar100": DistillConfig(),
-    "cifar10": DistillConfig(preset="cifar10"),
-    # Sized to finish on 2 CPU cores in about a minute; uses the remedies, which plain DFAD needs at this budget.
-    "digits": DistillConfig(
-        preset="digits", student_arch="digits_cnn_small", nz=64, ngf=32, batch_size=128, iters_per_epoch=25,
-        epochs=12, lr_student=0.05, milestones=(8, 11), scheduler="multistep",
-        loss=LossConfig(bn_stats=1.0, class_balance=1.0), replay_size=4096, diagnostic_images=512,
-    ),
+def _dfad(**loop) -> DistillConfig:
+    return DistillConfig(method="dfad", options=DfadOptions(), **{"epochs": 500, "iters_per_epoch": 50, **loop})
+
+
+def _measured_pool(**changes) -> PoolOptions:
+    """The pool method as measured best on a CPU (README, "Choosing the default"): DFAD's generator and adversarial L1
+    term, one generator step per batch, every batch and two forward-only batches from the generator kept in a pool,
+    the student learning from it by KL at T = 20 with half of each batch from the newest images. Fast-DFKD's
+    meta-learnt few-step synthesis, sigmoid generator, target-class cross-entropy and masked KL (PoolOptions' defaults)
+    each measured worse within a 5-minute CIFAR-10 budget on 2 CPU cores."""
+    return PoolOptions(**{"generator": "a", "meta": "none", "synth_steps": 1, "lr_generator": 1e-3,
+                          "synth_augment": False, "ce": 0.0, "class_balance": 1.0, "bn_momentum": 0.0,
+                          "adversarial_loss": "l1", "adversarial_start": 0.0, "batch_size": 128, "samples_per_step": 2,
+                          "pool_size": 8192, "recent_fraction": 0.5, "student_batch": 128, "student_steps": 5,
+                          "lr_student": 0.1, "weight_decay": 5e-4, "warmup": 0.0, "student_augment": False,
+                          **changes})
+
+
+PRESETS: dict[str, dict[str, DistillConfig]] = {
+    "dfad": {
+        # The paper's recipe (Fang et al. 2019): ResNet-34 -> ResNet-18 on CIFAR-100, 500 epochs x 50 iterations.
+        "cifar100": _dfad(preset="cifar100", student_arch="resnet18_8x"),
+        "cifar10": _dfad(preset="cifar10", student_arch="resnet18_8x"),
+        # dfad-edge's remedies against mode collapse, as measured on a 32x32 teacher (README, CIFAR-10 on a CPU).
+        "small": replace(_dfad(preset="small", epochs=26, iters_per_epoch=20),
+                         options=DfadOptions(batch_size=64, scheduler="cosine", bn_stats=10.0, class_balance=1.0,
+                                             replay_size=8192)),
+        "tiny": replace(_dfad(preset="tiny", student_arch="digits_cnn_medium", epochs=12, iters_per_epoch=20),
+                        options=DfadOptions(nz=64, ngf=32, batch_size=128, lr_student=0.05, milestones=(8, 11),
+                                            bn_stats=1.0, class_balance=1.0, replay_size=4096)),
+    },
+    "pool": {
+        "small": DistillConfig(preset="small", student_arch="resnet20", epochs=26, iters_per_epoch=20,
+                               options=_measured_pool()),
+        "tiny": DistillConfig(preset="tiny", student_arch="digits_cnn_medium", epochs=12, iters_per_epoch=20,
+                              options=_measured_pool(nz=64, ngf=32)),
+        "large": DistillConfig(preset="large", student_arch="torchvision.mobilenet_v3_small", epochs=100,
+                               iters_per_epoch=20, options=_measured_pool(batch_size=64, student_batch=64, pool_size=20000)),
+    },
 }
+PRESETS["dfad"]["large"] = _dfad(preset="large", student_arch="torchvision.mobilenet_v3_small")
+# The method ``--method auto`` picks for each kind of data: the one that measured better (README, "Choosing the
+# default"); large images were not measured and follow the small ones.
+DEFAULT_METHOD = {"tiny": "dfad", "small": "dfad", "large": "dfad"}
 
 
-def preset_config(name: str, **overrides) -> DistillConfig:
-    if name not in PRESETS:
-        raise DfadError(f"unknown preset '{name}': choose one of {', '.join(PRESETS)}")
-    loss_overrides = {k: overrides.pop(k) for k in list(overrides) if k in {f.name for f in fields(LossConfig)}}
-    base = PRESETS[name]
-    config = replace(base, loss=replace(base.loss, **loss_overrides), **{k: v for k, v in overrides.items() if v is not None})
-    config.validate()
-    return config
+def teacher_kind(input_height: int) -> str:
+    """The kind of data a teacher was trained on, from its input size alone."""
+    return "tiny" if input_height <= 16 else "small" if input_height <= 64 else "large"
+
+
+def preset_config(method: str = "auto", preset: str = "auto", kind: str = "small") -> DistillConfig:
+    """A copy of a named configuration; ``auto`` picks the method, and the method's preset, for the teacher's kind of
+    data."""
+    if method == "auto":
+        method = DEFAULT_METHOD[kind]
+    if method not in PRESETS:
+        raise DfadError(f"unknown method '{method}': choose one of {', '.join(PRESETS)}")
+    name = kind if preset == "auto" else preset
+    if name not in PRESETS[method]:
+        raise DfadError(f"unknown preset '{name}' for method {method}: choose one of {', '.join(PRESETS[method])}")
+    base = PRESETS[method][name]
+    return replace(base, options=replace(base.options))
+
+
+def apply_overrides(config: DistillConfig, assignments: list[str]) -> DistillConfig:
+    """``key=value`` overrides: a loop option (``epochs=10``) or the method's (``lr_student=0.1`` or
+    ``pool.lr_student=0.1``). Unknown keys are refused with the list of valid ones."""
+    loop_changes, method_changes = {}, {}
+    method_cls = type(config.options)
+    for assignment in assignments:
+        key, separator, text = assignment.partition("=")
+        key = key.strip()
+        if not separator:
+            raise DfadError(f"--set {assignment}: expected key=value, e.g. --set lr_student=0.1")
+        scoped = key.startswith(f"{config.method}.")
+        name = key.split(".", 1)[1] if scoped else key
+        if not scoped and name in field_names(DistillConfig) - {"options", "method"}:
+            loop_changes[name] = parse_value(DistillConfig, name, text.strip(), key)
+        elif name in field_names(method_cls):
+            method_changes[name] = parse_value(method_cls, name, text.strip(), key)
+        else:
+            valid = sorted(field_names(DistillConfig) - {"options", "method"}) + sorted(field_names(method_cls))
+            raise DfadError(f"--set {key}: no such option for method {config.method}. Valid: {', '.join(valid)}")
+    return replace(config, **loop_changes, options=replace(config.options, **method_changes))
+
+
+def options_reference() -> str:
+    """Every option of the loop and of each method with its default, for --help."""
+    lines = ["Loop options (--set key=value):"] + ["  " + line for line in option_help(DistillConfig)
+                                                   if not line.startswith(("options=", "method=", "preset="))]
+    for method in PRESETS:
+        options_cls = method_class(method).options_class
+        lines += ["", f"Method '{method}' (--set key=value or {method}.key=value):"]
+        lines += ["  " + line for line in option_help(options_cls)]
+    return "\n".join(lines)
+

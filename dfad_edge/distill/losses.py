@@ -1,4 +1,4 @@
-"""Loss terms for distillation, composable so remedies against mode collapse plug in beside the adversarial term."""
+"""Loss terms shared by the distillation methods, composable so each method picks the ones it needs."""
 
 from __future__ import annotations
 
@@ -8,60 +8,126 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..distributed import mean_over_ranks, sum_over_ranks, world_size
+from ..errors import DfadError
+
 LogitLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def kl_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
+                  reduction: str = "batchmean") -> torch.Tensor:
+    """KL(teacher || student) on temperature-softened distributions, scaled by T^2 so gradients keep their size."""
+    divergence = F.kl_div(F.log_softmax(student_logits / temperature, 1), F.log_softmax(teacher_logits / temperature, 1),
+                          reduction="none", log_target=True).sum(1) * temperature**2
+    return divergence.mean() if reduction == "batchmean" else divergence
+
+
 def student_logit_loss(kind: str, temperature: float = 1.0) -> LogitLoss:
-    """Discrepancy between student and teacher logits (student minimises it, the generator maximises it)."""
+    """Discrepancy between student and teacher logits (student minimises it, DFAD's generator maximises it)."""
     if kind == "l1":
         return lambda student_logits, teacher_logits: F.l1_loss(student_logits, teacher_logits)
     if kind == "mse":
         return lambda student_logits, teacher_logits: F.mse_loss(student_logits, teacher_logits)
+    return lambda student_logits, teacher_logits: kl_divergence(student_logits, teacher_logits, temperature)
 
-    def kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-        return F.kl_div(F.log_softmax(student_logits / temperature, 1), F.log_softmax(teacher_logits / temperature, 1),
-                        reduction="batchmean", log_target=True) * temperature**2
 
-    return kl
+def agreement_masked_adversarial(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Fast-DFKD's adversarial term: push images to where the student departs from the teacher, but only on samples
+    both still agree on (top-1), so the generator is not rewarded for images the teacher itself finds ambiguous."""
+    agree = (student_logits.argmax(1) == teacher_logits.argmax(1)).float()
+    return -(kl_divergence(student_logits, teacher_logits, reduction="none") * agree).mean()
 
 
 def class_balance_loss(teacher_logits: torch.Tensor) -> torch.Tensor:
     """DAFL's information-entropy term: 0 when the teacher predicts every class equally often over the batch,
-    up to log(C) when it predicts one class only. Counters generators that settle on a few classes."""
-    mean_probabilities = F.softmax(teacher_logits.float(), 1).mean(0)
+    up to log(C) when it predicts one class only. Counters generators that settle on a few classes. Under torchrun
+    the batch is every rank's share together."""
+    mean_probabilities = mean_over_ranks(F.softmax(teacher_logits.float(), 1).mean(0))
     entropy = -(mean_probabilities * torch.log(mean_probabilities + 1e-8)).sum()
     return torch.log(torch.tensor(float(teacher_logits.shape[1]))) - entropy
 
 
+def batchnorm_layers(teacher: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in teacher.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+
+def require_batchnorm(teacher: nn.Module, term: str) -> None:
+    if not batchnorm_layers(teacher):
+        raise DfadError(f"the teacher has no BatchNorm layers, so the '{term}' term (BatchNorm-statistics matching) cannot "
+                        f"be computed: set it to 0 (--set {term}=0) to distil with the terms that do not need BatchNorm")
+
+
+def batch_moments(features: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each tensor's per-channel mean and (biased) variance over its batch and positions; under torchrun over every
+    rank's share together, with gradients to each share: one all-reduce of all the tensors' sums, then one of their
+    squared deviations from the whole batch's mean (two passes: as accurate as a one-process variance)."""
+    dims = [[0, *range(2, f.dim())] for f in features]
+    shapes = [(1, -1) + (1,) * (f.dim() - 2) for f in features]
+    counts = [f.numel() // f.shape[1] * world_size() for f in features]
+    channels = [f.shape[1] for f in features]
+    sums = sum_over_ranks(torch.cat([f.sum(d) for f, d in zip(features, dims)])).split(channels)
+    means = [total / count for total, count in zip(sums, counts)]
+    squares = sum_over_ranks(torch.cat([(f - m.view(s)).square().sum(d)
+                                        for f, m, s, d in zip(features, means, shapes, dims)])).split(channels)
+    return [(mean, total / count) for mean, total, count in zip(means, squares, counts)]
+
+
 class BatchNormStatistics:
     """DeepInversion's feature-statistics prior: the batch mean/variance entering each teacher BatchNorm layer
-    should match that layer's running statistics, which summarise the real training data."""
+    should match that layer's running statistics, which summarise the real training data.
 
-    def __init__(self, teacher: nn.Module):
-        self.layers = [m for m in teacher.modules() if isinstance(m, nn.BatchNorm2d)]
+    ``momentum`` blends each batch's statistics with the previous batch's (Fast-DFKD): with few synthesis steps per
+    batch, a batch's own statistics are noisy, and the blend lets consecutive batches share the job of matching.
+    Under torchrun the batch is every rank's share together (batch_moments)."""
+
+    def __init__(self, teacher: nn.Module, momentum: float = 0.0, reduction: str = "mean"):
+        self.layers = batchnorm_layers(teacher)
+        self.momentum, self.reduction = momentum, reduction
         self.active = False
-        self._terms: list[torch.Tensor] = []
+        self._inputs: list[tuple[nn.modules.batchnorm._BatchNorm, torch.Tensor]] = []
+        self._current: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._previous: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._handles = [layer.register_forward_hook(self._hook) for layer in self.layers]
 
-    def _hook(self, layer: nn.BatchNorm2d, inputs, _output) -> None:
-        if not self.active:
-            return
-        features = inputs[0].float()
-        mean = features.mean(dim=(0, 2, 3))
-        variance = features.var(dim=(0, 2, 3), unbiased=False)
-        self._terms.append(torch.norm(mean - layer.running_mean, 2) + torch.norm(variance - layer.running_var, 2))
+    def _hook(self, layer: nn.modules.batchnorm._BatchNorm, inputs, _output) -> None:
+        if self.active:
+            self._inputs.append((layer, inputs[0].float()))
 
     def __enter__(self) -> "BatchNormStatistics":
-        self.active, self._terms = True, []
+        self.active, self._inputs = True, []
         return self
 
     def __exit__(self, *exc) -> None:
         self.active = False
 
     def loss(self) -> torch.Tensor:
-        if not self._terms:
+        """The layers' terms summed (DeepInversion, Fast-DFKD: deeper teachers weigh it more) or averaged."""
+        if not self._inputs:
             return torch.zeros(())
-        return torch.stack(self._terms).sum() / len(self.layers)
+        layers, features = zip(*self._inputs)
+        self._inputs = []
+        moments = batch_moments(list(features))
+        self._current = [(mean.detach(), variance.detach()) for mean, variance in moments]
+        terms = []
+        for index, (layer, (mean, variance)) in enumerate(zip(layers, moments)):
+            if self.momentum and self._previous is not None:
+                previous_mean, previous_variance = self._previous[index]
+                mean = (1 - self.momentum) * mean + self.momentum * previous_mean
+                variance = (1 - self.momentum) * variance + self.momentum * previous_variance
+            terms.append(torch.norm(mean - layer.running_mean, 2) + torch.norm(variance - layer.running_var, 2))
+        total = torch.stack(terms).sum()
+        return total if self.reduction == "sum" else total / len(self.layers)
+
+    def remember_batch(self) -> None:
+        """Keep the last measured batch's statistics as the 'previous batch' the next ones blend with."""
+        if self._current:
+            self._previous = list(self._current)
+
+    def state(self) -> list | None:
+        return self._previous
+
+    def load(self, state: list | None) -> None:
+        self._previous = state
 
     def remove(self) -> None:
         for handle in self._handles:

@@ -1,0 +1,218 @@
+"""DFAD (Fang et al. 2019): a generator searches for images where student and teacher disagree; the student learns to
+agree on them. Defaults are the published recipe; the remedies against mode collapse (BatchNorm-statistics matching,
+class balance, a replay memory) are options, off by default.
+
+One iteration: ``student_steps`` student steps on fresh (detached) generator batches, then one generator step that
+maximises the student-teacher discrepancy, its gradient flowing through both networks.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..distributed import data_parallel
+from ..errors import DfadError
+from ..models import create_model
+from ..options import option
+from ..runtime import grad_scaler
+from .losses import BatchNormStatistics, class_balance_loss, require_batchnorm, student_logit_loss
+from .method import DistillMethod, Setup, adam, register_method, sgd
+from .schedule import SCHEDULES, epoch_progress, lr_factor, set_lr
+
+GENERATOR_FORMAT = "dfad-edge-generator/1"
+
+
+@dataclass
+class DfadOptions:
+    nz: int = option(256, "generator latent size", min=1)
+    ngf: int = option(64, "generator width", min=1)
+    batch_size: int = option(256, "synthetic images per step", min=1, split=True)
+    student_steps: int = option(5, "student steps per generator step", min=1)
+    lr_student: float = option(0.1, "student SGD learning rate", above=0)
+    momentum: float = option(0.9, "student SGD momentum", min=0, below=1)
+    weight_decay: float = option(5e-4, "student SGD weight decay", min=0)
+    lr_generator: float = option(1e-3, "generator Adam learning rate", above=0)
+    scheduler: str = option("multistep", "LR schedule of both, stepped once per epoch", choices=SCHEDULES)
+    milestones: tuple[int, ...] = option((100, 200), "epochs where multistep multiplies the LRs by gamma", min=1)
+    step_size: int = option(100, "epochs between drops for scheduler=step", min=1)
+    gamma: float = option(0.1, "LR factor at each drop", above=0, max=1)
+    student_loss: str = option("l1", "student-teacher discrepancy (paper: l1)", choices=("l1", "kl", "mse"))
+    temperature: float = option(1.0, "softening temperature for student_loss=kl", above=0)
+    adversarial: float = option(1.0, "weight of the generator's adversarial term", min=0)
+    bn_stats: float = option(0.0, "remedy: weight of BatchNorm-statistics matching (DeepInversion), 0 = off", min=0)
+    class_balance: float = option(0.0, "remedy: weight of DAFL's class-balance term, 0 = off", min=0)
+    replay_size: int = option(0, "remedy: past synthetic images replayed to the student, 0 = off", min=0, split=True)
+    replay_fraction: float = option(0.5, "share of each student batch taken from the replay memory", min=0, below=1)
+
+    def validate(self) -> None:
+        replayed = int(self.batch_size * self.replay_fraction)
+        if self.replay_size and self.replay_size < replayed:
+            raise DfadError(f"replay_size {self.replay_size} is smaller than the replayed share of a batch ({replayed} = "
+                            f"batch_size {self.batch_size} x replay_fraction {self.replay_fraction}): every student batch "
+                            f"would shrink. Use replay_size >= {replayed}, or 0 to turn replay off.")
+
+
+class ReplayMemory:
+    """A ring buffer of past synthetic images; mixing them into student steps keeps the student from
+    forgetting regions of input space the generator has moved away from."""
+
+    def __init__(self, capacity: int):
+        self.capacity, self.images, self.count = capacity, None, 0
+
+    def add(self, images: torch.Tensor) -> None:
+        if self.capacity <= 0:
+            return
+        if self.images is None:
+            self.images = torch.empty((self.capacity, *images.shape[1:]), dtype=images.dtype, device=images.device)
+        positions = (torch.arange(len(images), device=images.device) + self.count) % self.capacity
+        self.images[positions] = images.detach()
+        self.count += len(images)
+
+    def sample(self, size: int) -> torch.Tensor | None:
+        filled = min(self.count, self.capacity)
+        if self.images is None or filled < size:
+            return None
+        return self.images[torch.randint(0, filled, (size,), device=self.images.device)]
+
+    def state(self) -> dict:
+        return {"images": self.images, "count": self.count}
+
+    def load(self, state: dict, device: torch.device) -> None:
+        self.images = state["images"].to(device) if state["images"] is not None else None
+        self.count = state["count"]
+
+
+@register_method
+class DfadMethod(DistillMethod):
+    name = "dfad"
+    options_class = DfadOptions
+
+    def __init__(self, setup: Setup, options: DfadOptions):
+        super().__init__(setup, options)
+        channels, height, width = setup.student_spec.shape
+        if height != width:
+            raise DfadError(f"generator_a makes square images; the student input is {height}x{width}")
+        self.generator_kwargs = {"nz": options.nz, "ngf": options.ngf, "img_size": height, "channels": channels}
+        self.generator = create_model("generator_a", **self.generator_kwargs).to(setup.device)
+        if setup.channels_last:
+            self.generator.to(memory_format=torch.channels_last)
+        self.generator_forward = data_parallel(self.generator, setup.device)
+        if options.bn_stats > 0:
+            require_batchnorm(setup.teacher, "bn_stats")
+        self.bn_statistics = BatchNormStatistics(setup.teacher) if options.bn_stats > 0 else None
+        self.student_loss = student_logit_loss(options.student_loss, options.temperature)
+        self.optimizer_s = sgd(setup.student.parameters(), options.lr_student, options.momentum, options.weight_decay,
+                               setup.device)
+        self.optimizer_g = adam(self.generator.parameters(), options.lr_generator, (0.9, 0.999), setup.device)
+        self.scaler_s = grad_scaler(setup.device, setup.amp_dtype)
+        self.scaler_g = grad_scaler(setup.device, setup.amp_dtype)
+        self.replay = ReplayMemory(options.replay_size)
+
+    def _set_learning_rates(self, progress: float) -> None:
+        options = self.options
+        factor = lr_factor(options.scheduler, epoch_progress(progress, self.setup.epochs), self.setup.epochs,
+                           options.milestones, options.step_size, options.gamma)
+        set_lr(self.optimizer_s, options.lr_student * factor)
+        set_lr(self.optimizer_g, options.lr_generator * factor)
+
+    def learning_rates(self) -> dict[str, float]:
+        return {"lr_student": self.optimizer_s.param_groups[0]["lr"], "lr_generator": self.optimizer_g.param_groups[0]["lr"]}
+
+    def _synthesize(self, batch_size: int) -> torch.Tensor:
+        z = torch.randn(batch_size, self.options.nz, device=self.setup.device)
+        return self.setup.to_memory_format(self.generator_forward(z))
+
+    def student_step(self) -> torch.Tensor:
+        options, setup = self.options, self.setup
+        replay_count = int(options.batch_size * options.replay_fraction) if options.replay_size else 0
+        fresh_count = options.batch_size - replay_count if self.replay.count >= replay_count > 0 else options.batch_size
+        with torch.no_grad(), setup.autocast():
+            fresh = self._synthesize(fresh_count).float()
+        replayed = self.replay.sample(replay_count) if replay_count and fresh_count < options.batch_size else None
+        self.replay.add(fresh)
+        images = fresh if replayed is None else torch.cat([fresh, replayed])
+        with setup.autocast():
+            with torch.no_grad():
+                teacher_logits = setup.teacher_logits(images)
+            loss = self.student_loss(setup.student_forward(images).float(), teacher_logits)
+        self.optimizer_s.zero_grad(set_to_none=True)
+        self.scaler_s.scale(loss).backward()
+        self.scaler_s.step(self.optimizer_s)
+        self.scaler_s.update()
+        return loss.detach()
+
+    def generator_step(self) -> dict[str, torch.Tensor]:
+        options, setup = self.options, self.setup
+        zero = torch.zeros((), device=setup.device)
+        with setup.autocast(), setup.frozen(setup.student):
+            images = self._synthesize(options.batch_size)
+            if self.bn_statistics is not None:
+                with self.bn_statistics:
+                    teacher_logits = setup.teacher_logits(images)
+                bn_loss = self.bn_statistics.loss()
+            else:
+                teacher_logits, bn_loss = setup.teacher_logits(images), zero
+            # The generator maximises the student-teacher discrepancy; the gradient flows through both networks.
+            adversarial = -self.student_loss(setup.student_forward(images).float(), teacher_logits)
+            balance = class_balance_loss(teacher_logits) if options.class_balance > 0 else zero
+            loss = options.adversarial * adversarial + options.bn_stats * bn_loss + options.class_balance * balance
+        self.optimizer_g.zero_grad(set_to_none=True)
+        self.scaler_g.scale(loss).backward()
+        self.scaler_g.step(self.optimizer_g)
+        self.scaler_g.update()
+        return {"loss_generator": loss.detach(), "loss_adversarial": adversarial.detach(),
+                "loss_bn_stats": bn_loss.detach(), "loss_class_balance": balance.detach()}
+
+    def iteration(self, progress: float) -> dict[str, torch.Tensor]:
+        self._set_learning_rates(progress)
+        self.setup.student.train()
+        self.generator.train()
+        student_losses = [self.student_step() for _ in range(self.options.student_steps)]
+        terms = self.generator_step()
+        terms["loss_student"] = torch.stack(student_losses).mean()
+        terms["images"] = (self.options.student_steps + 1) * self.options.batch_size
+        return terms
+
+    @torch.no_grad()
+    def _generate(self, count: int, seed: int, with_teacher: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """From a copy of the generator (batch statistics, as in training) for fixed latents, so figures are comparable
+        across epochs and sampling disturbs neither the generator nor the RNG."""
+        generator = copy.deepcopy(self.generator).train()
+        latent_rng = torch.Generator(device="cpu").manual_seed(seed)
+        images, logits = [], []
+        for start in range(0, count, self.options.batch_size):
+            size = min(self.options.batch_size, count - start)
+            z = torch.randn(size, self.options.nz, generator=latent_rng).to(self.setup.device)
+            with self.setup.autocast():
+                batch = generator(z).float()
+                if with_teacher:
+                    logits.append(self.setup.teacher_logits(batch))
+            images.append(batch)
+        return torch.cat(images), (torch.cat(logits) if with_teacher else None)
+
+    def synthetic_batch(self, count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._generate(count, seed, with_teacher=True)
+
+    def calibration_images(self, count: int, seed: int) -> torch.Tensor:
+        return self._generate(count, seed, with_teacher=False)[0]
+
+    def generator_artifact(self) -> dict:
+        return {"format": GENERATOR_FORMAT, "arch": "generator_a", "arch_kwargs": self.generator_kwargs,
+                "state_dict": {k: v.detach().cpu() for k, v in self.generator.state_dict().items()}, "output": "normalised"}
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.state_dict(), "optimizer_s": self.optimizer_s.state_dict(),
+                "optimizer_g": self.optimizer_g.state_dict(), "scaler_s": self.scaler_s.state_dict(),
+                "scaler_g": self.scaler_g.state_dict(), "replay": self.replay.state()}
+
+    def load_state_dict(self, state: dict, out: Path) -> None:
+        self.generator.load_state_dict(state["generator"])
+        self.optimizer_s.load_state_dict(state["optimizer_s"])
+        self.optimizer_g.load_state_dict(state["optimizer_g"])
+        self.scaler_s.load_state_dict(state["scaler_s"])
+        self.scaler_g.load_state_dict(state["scaler_g"])
+        self.replay.load(state["replay"], self.setup.device)

@@ -1,0 +1,413 @@
+"""The loop every distillation method shares: epochs or a time budget, checkpoints and exact resume, Ctrl-C/SIGTERM,
+evaluation (observed only), collapse diagnostics and sample grids.
+
+Run folder: config.json, metrics.jsonl, student.pt (the last epoch's: no labels choose it), generator.pt,
+synthetic.pt (synthetic images for data-free INT8 calibration), last.pt (+ pool/ for pool methods),
+samples/epoch_NNNN.png, result.json.
+
+Under torchrun every rank runs this loop on its share of each batch (dfad_edge.distributed). Rank 0 alone writes the run
+folder; last.pt also holds the other ranks' random-number and method states, and each keeps its part of a pool under
+ranks/rankN/. Decisions that must not part the ranks (stop on a signal or a NaN, the time budget) are agreed on.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+import math
+import signal
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from torch.utils._pytree import tree_map
+
+from .. import __version__
+from ..checkpoint import InputSpec, load_checkpoint, model_checkpoint, safe_torch_load
+from ..data import check_compatible, make_loader, resolve_source
+from ..distributed import (broadcast_from_main, data_parallel, gather_to_main, host_floats_summed, is_distributed,
+                           is_main, mean_over_ranks, on_main_only, rank, rank_device, refuse_another_world_size,
+                           split_across_ranks, world_size)
+from ..errors import DfadError
+from ..evaluate import loader_accuracy
+from ..io import append_jsonl, atomic_torch_save, atomic_write_json, atomic_write_text, run_folder_lock
+from ..models import build_kwargs, create_model, default_input_size
+from ..progress import log, new_progress
+from ..runtime import autocast_dtype, cpu_bf16_instructions, resolve_device, restore_rng_state, rng_state, seed_everything
+from .config import DistillConfig
+from .diagnostics import collapse_diagnostics, collapse_warning
+from .method import DistillMethod, Setup, method_class
+from .samples import save_sample_grid
+
+STATE_FORMAT = "dfad-edge-distill-state/2"
+SYNTHETIC_FORMAT = "dfad-edge-synthetic/1"
+SYNTHETIC_IMAGES = 1024  # enough for INT8 calibration (512) and separate verification images
+
+
+class RunInterrupted(DfadError):
+    """Raised after a clean save on Ctrl-C / SIGTERM."""
+
+
+@contextmanager
+def graceful_interrupts():
+    """First Ctrl-C or SIGTERM sets a flag the loop checks between iterations (so state is saved whole);
+    a second Ctrl-C aborts at once."""
+    requested = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield requested
+        return
+
+    def handler(signum, _frame):
+        if requested.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        requested.set()
+        log("[yellow]stopping after this iteration and saving last.pt (Ctrl-C again to abort at once)[/]")
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield requested
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def load_synthetic_images(path: Path) -> tuple[torch.Tensor, InputSpec]:
+    """synthetic.pt: normalised images a distillation made, and the spec they are in."""
+    raw = safe_torch_load(path)
+    if not isinstance(raw, dict) or raw.get("format") != SYNTHETIC_FORMAT:
+        raise DfadError(f"{path} is not a dfad-edge synthetic-image file (written by dfad-edge distill)")
+    return raw["images"].float(), InputSpec(**raw["input_spec"])
+
+
+class Stopwatch:
+    """Training time: wall time minus the time spent on test-set evaluation, which only observes."""
+
+    def __init__(self, already: float = 0.0):
+        self.started, self.already, self.excluded = time.perf_counter(), already, 0.0
+
+    @property
+    def seconds(self) -> float:
+        return self.already + time.perf_counter() - self.started - self.excluded
+
+    @contextmanager
+    def excluding(self):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.excluded += time.perf_counter() - started
+
+
+class DistillRun:
+    def __init__(self, config: DistillConfig, teacher_path: Path, out: Path, eval_data: str | None = None,
+                 data_dir: Path | None = None, download: bool = False, resume: bool = False):
+        self.out, self.resume, self.teacher_path = Path(out), resume, Path(teacher_path)
+        self.last_path = self.out / "last.pt"
+        # What a rank alone holds (its part of a pool) goes to its own folder; rank 0's is the run folder.
+        self.rank_folder = self.out if is_main() else self.out / "ranks" / f"rank{rank()}"
+        if self.last_path.exists() and not resume:
+            raise DfadError(f"{self.out} already holds a run: pass --resume to continue it, or choose a new --out")
+        if resume:
+            if not self.last_path.exists():
+                raise DfadError(f"--resume: no {self.last_path} to resume from")
+            saved = safe_torch_load(self.last_path)
+            refuse_another_world_size(saved.get("world_size", 1), self.last_path)
+            # The saved config wins: a resumed run must be the same run.
+            config = DistillConfig.from_dict(saved["config"])
+        config.validate()
+        self.config = config
+        method_options = split_across_ranks(config.options)
+        self.device = rank_device(resolve_device(config.device))
+        self.amp_dtype = autocast_dtype(self.device, config.amp)
+        self.teacher_checkpoint = load_checkpoint(self.teacher_path)
+        self.eval_source = resolve_source(eval_data, data_dir, download) if eval_data else None
+        self.eval_data = eval_data
+        if self.eval_source is not None:
+            check_compatible(self.eval_source, self.teacher_checkpoint.input_spec,
+                             self.teacher_checkpoint.num_classes, self.teacher_checkpoint.class_names)
+        seed_everything(config.seed)
+        self.student_spec = self._student_spec()
+        self.setup = self._build_setup()
+        self.method: DistillMethod = method_class(config.method)(self.setup, method_options)
+        if is_distributed():
+            # Every rank built the same networks from the run's seed (DDP requires it); each now draws its own numbers.
+            seed_everything(self.rank_seeds()[rank()])
+
+    def rank_seeds(self) -> list[int]:
+        return [self.config.seed + index for index in range(world_size())]
+
+    # --- set-up -----------------------------------------------------------------------------------------------
+    def _student_spec(self) -> InputSpec:
+        """The teacher's spec (normalisation, evaluation transform) at the student's input size."""
+        height, width = self.config.student_input_size or default_input_size(self.config.student_arch)
+        return replace(self.teacher_checkpoint.input_spec, height=height, width=width)
+
+    def _build_setup(self) -> Setup:
+        config, teacher_ckpt = self.config, self.teacher_checkpoint
+        channels, height, width = self.student_spec.shape
+        self.num_classes = teacher_ckpt.num_classes
+        self.student_kwargs = build_kwargs(config.student_arch, self.num_classes, channels, (height, width))
+        # Frozen and always in eval mode: synthetic batches must never overwrite its BatchNorm statistics.
+        teacher = teacher_ckpt.build_model().to(self.device).eval().requires_grad_(False)
+        self.student = create_model(config.student_arch, **self.student_kwargs).to(self.device)
+        if config.channels_last:
+            teacher.to(memory_format=torch.channels_last)
+            self.student.to(memory_format=torch.channels_last)
+        teacher_size = (teacher_ckpt.input_spec.height, teacher_ckpt.input_spec.width)
+        return Setup(
+            teacher=teacher, student=self.student,
+            student_forward=data_parallel(self.student, self.device, config.compile),
+            teacher_forward=torch.compile(teacher) if config.compile else teacher,
+            device=self.device, amp_dtype=self.amp_dtype, channels_last=config.channels_last,
+            num_classes=self.num_classes, student_spec=self.student_spec,
+            teacher_size=teacher_size if teacher_size != (height, width) else None, epochs=config.epochs)
+
+    # --- evaluation and artifacts ----------------------------------------------------------------------------
+    def evaluate(self, model: nn.Module, spec: InputSpec, description: str) -> dict[str, float]:
+        loader = make_loader(self.eval_source, "test", spec, batch_size=256)
+        accuracy = loader_accuracy(model, loader, self.device, description)
+        model.train(model is self.student)
+        return accuracy
+
+    def save_artifacts(self, epoch: int, calibration_images: torch.Tensor) -> None:
+        """The shipped student (this epoch's), its generator and synthetic images for data-free calibration. Nothing
+        here depends on evaluation: a run with and without --eval-data writes the same files."""
+        model_checkpoint(self.student, self.config.student_arch, self.student_kwargs, self.num_classes, self.student_spec,
+                         self.teacher_checkpoint.class_names, "distill", teacher=str(self.teacher_path), epoch=epoch,
+                         method=self.config.method, preset=self.config.preset).save(self.out / "student.pt")
+        common = {"input_spec": vars(self.student_spec), "teacher": str(self.teacher_path), "epoch": epoch,
+                  "dfad_edge_version": __version__}
+        atomic_torch_save({**self.method.generator_artifact(), **common}, self.out / "generator.pt")
+        atomic_torch_save({"format": SYNTHETIC_FORMAT, "images": calibration_images.detach().cpu().half(),
+                           "method": self.config.method,
+                           **common}, self.out / "synthetic.pt")
+
+    # --- checkpoints -----------------------------------------------------------------------------------------
+    def save_state(self, epoch: int, iteration: int, accumulators: dict, epoch_start: dict) -> None:
+        """Rank 0's state, and the other ranks' random numbers and method states gathered into last.pt (a method's state
+        can hold what one rank alone has, e.g. DFAD's replay memory); the ranks' losses so far as their mean."""
+        self.method.save_files(self.rank_folder)
+        own = {"rng": rng_state(), "method": self.method.state_dict()}
+        ranks = gather_to_main(None if is_main() else tree_map(lambda v: v.cpu() if torch.is_tensor(v) else v, own))
+        losses = self._mean_losses(accumulators)
+        if not is_main():
+            return
+        atomic_torch_save({
+            "format": STATE_FORMAT, "config": self.config.to_dict(), "epoch": epoch, "iteration": iteration,
+            "world_size": world_size(), "student": self.student.state_dict(), "method": own["method"],
+            "rng": own["rng"], "other_ranks": ranks[1:],
+            "accumulators": {**{k: v for k, v in accumulators.items() if not torch.is_tensor(v)}, **losses},
+            "epoch_start": epoch_start, "teacher_accuracy": self.teacher_accuracy, "elapsed_s": self.stopwatch.seconds,
+        }, self.last_path)
+
+    def load_state(self) -> tuple[int, int, dict, dict]:
+        state = safe_torch_load(self.last_path)
+        if state.get("format") != STATE_FORMAT:
+            raise DfadError(f"{self.last_path} is not a dfad-edge distillation state of this version "
+                            f"(format {state.get('format')}, expected {STATE_FORMAT})")
+        own = state if is_main() else state["other_ranks"][rank() - 1]
+        self.student.load_state_dict(state["student"])
+        self.method.load_state_dict(own["method"], self.rank_folder)
+        restore_rng_state(own["rng"])
+        self.teacher_accuracy = state["teacher_accuracy"]
+        self.stopwatch = Stopwatch(state["elapsed_s"])
+        if is_main():
+            self._drop_metrics_after(state["epoch"])
+        accumulators = {k: v if k == "images" else torch.tensor(v, device=self.device)
+                        for k, v in state["accumulators"].items()}
+        return state["epoch"], state["iteration"], accumulators, state["epoch_start"]
+
+    def _drop_metrics_after(self, epoch: int) -> None:
+        """A hard kill between writing an epoch's metrics and its checkpoint would otherwise log that epoch twice."""
+        metrics = self.out / "metrics.jsonl"
+        if not metrics.exists():
+            return
+        kept = [line for line in metrics.read_text().splitlines() if line.strip() and json.loads(line)["epoch"] <= epoch]
+        atomic_write_text(metrics, "".join(line + "\n" for line in kept))
+
+    # --- the schedule ----------------------------------------------------------------------------------------
+    def progress(self, epoch: int, iteration: int, seconds: float) -> float:
+        """How far through the run this is, 0..1: by iterations, or by training time against the budget."""
+        config = self.config
+        if config.budget_minutes is not None:
+            return min(1.0, seconds / (60 * config.budget_minutes))
+        return (epoch * config.iters_per_epoch + iteration) / (config.epochs * config.iters_per_epoch)
+
+    def epoch_done(self, epoch: int, iteration: int, seconds: float) -> bool:
+        config = self.config
+        if config.budget_minutes is not None:
+            return seconds >= 60 * config.budget_minutes * (epoch + 1) / config.epochs
+        return iteration >= config.iters_per_epoch
+
+    # --- the run ---------------------------------------------------------------------------------------------
+    def run(self) -> dict:
+        self.out.mkdir(parents=True, exist_ok=True)
+        with on_main_only(run_folder_lock(self.out)):
+            return self._run()
+
+    def _start(self) -> tuple[int, int, dict, dict]:
+        self.teacher_accuracy, self.stopwatch = None, Stopwatch()
+        if self.resume:
+            epoch, iteration, accumulators, epoch_start = self.load_state()
+            log(f"resuming {self.out} at epoch {epoch + 1}, iteration {iteration}")
+            return epoch, iteration, accumulators, epoch_start
+        if not is_main():  # the metrics file and the teacher's accuracy are rank 0's
+            return 0, 0, {}, {}
+        (self.out / "metrics.jsonl").unlink(missing_ok=True)
+        if self.eval_source is not None:
+            with self.stopwatch.excluding():
+                self.teacher_accuracy = self.evaluate(self.setup.teacher, self.teacher_checkpoint.input_spec,
+                                                      "  teacher eval")
+            log(f"teacher top-1 on {self.eval_data}: {self.teacher_accuracy['100%']:.2%}")
+        return 0, 0, {}, {}
+
+    def _write_config(self) -> None:
+        atomic_write_json(self.out / "config.json", {
+            **self.config.to_dict(), "teacher": str(self.teacher_path), "eval_data": self.eval_data,
+            "resolved": {"device": str(self.device), "amp_dtype": str(self.amp_dtype),
+                         "cpu_bf16_instructions": cpu_bf16_instructions() if self.device.type == "cpu" else None,
+                         "student_input": list(self.student_spec.shape), "dfad_edge_version": __version__,
+                         "world_size": world_size(), "rank_seeds": self.rank_seeds()}})
+
+    def _run(self) -> dict:
+        config = self.config
+        epoch, iteration, accumulators, epoch_start = self._start()
+        if is_main():
+            self._write_config()
+        with graceful_interrupts() as stop_requested, new_progress() as progress_bar:
+            total = config.epochs if config.budget_minutes is not None else config.epochs * config.iters_per_epoch
+            task = progress_bar.add_task("distill", total=total, status="",
+                                         completed=epoch if config.budget_minutes is not None else
+                                         epoch * config.iters_per_epoch + iteration)
+            while epoch < config.epochs:
+                epoch_start = epoch_start or {"elapsed_s": self.stopwatch.seconds}
+                seconds, _ = self._agree(stop_requested)
+                while not self.epoch_done(epoch, iteration, seconds):
+                    terms = self.method.iteration(self.progress(epoch, iteration, seconds))
+                    if iteration == 0:
+                        epoch_start.update(self.method.learning_rates())  # the rates this epoch trained with
+                    iteration += 1
+                    for key, value in terms.items():
+                        accumulators[key] = accumulators.get(key, 0.0) + (value.float() if torch.is_tensor(value) else value)
+                    if iteration % config.log_every == 0:
+                        losses = self._mean_losses(accumulators)
+                        self._check_finite(losses, epoch, iteration)
+                        progress_bar.update(task, status=self._status(losses, iteration))
+                    if config.budget_minutes is None:
+                        progress_bar.advance(task)
+                    seconds, stop = self._agree(stop_requested)
+                    if stop:
+                        self.save_state(epoch, iteration, accumulators, epoch_start)
+                        raise RunInterrupted(f"interrupted at epoch {epoch + 1}, iteration {iteration}; state saved to "
+                                             f"{self.last_path}. Continue with: {self._resume_command()}")
+                losses = self._mean_losses(accumulators)
+                self._check_finite(losses, epoch, iteration)
+                self.end_epoch(epoch + 1, iteration, losses, accumulators.get("images", 0), epoch_start)
+                epoch, iteration, accumulators, epoch_start = epoch + 1, 0, {}, {}
+                self.save_state(epoch, iteration, accumulators, epoch_start)
+                if config.budget_minutes is not None:
+                    progress_bar.advance(task)
+        return broadcast_from_main(self._write_result(epoch) if is_main() else None)
+
+    def _resume_command(self) -> str:
+        if world_size() == 1:
+            return f"dfad-edge distill --out {self.out} --resume"
+        return f"torchrun [{world_size()} processes in all] -m dfad_edge distill --out {self.out} --resume"
+
+    def _agree(self, stop_requested: threading.Event) -> tuple[float, bool]:
+        """Training time and whether to stop, the same on every rank: rank 0's clock (the schedule and the time budget
+        must not part the ranks) and a stop any rank was asked for (a signal may reach one rank only). Distributed, one
+        small all-reduce and host synchronisation per iteration; in one process, nothing."""
+        seconds, stops = host_floats_summed([self.stopwatch.seconds if is_main() else 0.0,
+                                             float(stop_requested.is_set())], self.device)
+        return seconds, stops > 0
+
+    def _mean_losses(self, accumulators: dict) -> dict[str, float]:
+        """The loss sums averaged over the ranks (each rank's losses are means over an equal share of the batch, so this
+        is the whole batch's), read back in one transfer: the loop's host synchronisation, once per log interval."""
+        losses = {k: v for k, v in accumulators.items() if torch.is_tensor(v)}
+        if not losses:
+            return {}
+        return dict(zip(losses, mean_over_ranks(torch.stack(list(losses.values()))).tolist()))
+
+    def _check_finite(self, losses: dict[str, float], epoch: int, iteration: int) -> None:
+        """Every rank sees the same mean losses, so a NaN on any rank stops them all."""
+        bad = {k: v for k, v in losses.items() if not math.isfinite(v)}
+        if bad:
+            raise DfadError(
+                f"non-finite loss at epoch {epoch + 1}, by iteration {iteration} ({', '.join(f'{k}={v}' for k, v in bad.items())}); "
+                f"the last good checkpoint {self.last_path} is kept. Lower the learning rates (--set) or use --amp off.")
+
+    def _status(self, losses: dict[str, float], iteration: int) -> str:
+        student = losses.get("loss_student", 0.0) / iteration
+        return f"student loss {student:.3f}"
+
+    def end_epoch(self, epoch: int, iterations: int, losses: dict[str, float], images_seen: int,
+                  epoch_start: dict) -> None:
+        """``losses``: the epoch's loss sums (mean over ranks); ``images_seen``: this rank's count (every rank's equal)."""
+        config = self.config
+        seconds = self.stopwatch.seconds - epoch_start["elapsed_s"]
+        record = {"epoch": epoch, "iterations": iterations,
+                  **{k: round(v / max(iterations, 1), 5) for k, v in losses.items()},
+                  **{k: v for k, v in epoch_start.items() if k.startswith("lr_")},
+                  "images_per_s": round(images_seen * world_size() / max(seconds, 1e-9), 1),
+                  "elapsed_s": round(self.stopwatch.seconds, 1)}
+        # On every rank: a method may synchronise BatchNorm layers across ranks while it makes these (DFAD's generator).
+        images, teacher_logits = self.method.synthetic_batch(config.diagnostic_images, seed=config.seed + 1)
+        calibration_images = self.method.calibration_images(SYNTHETIC_IMAGES, seed=config.seed + 2)
+        if not is_main():
+            return
+        diagnostics = collapse_diagnostics(images, teacher_logits, self.num_classes)
+        record["collapse"] = {**diagnostics, **self.method.diagnostics()}
+        record["synthetic_agreement"] = self._student_agreement(images, teacher_logits)
+        warning = collapse_warning(diagnostics, self.num_classes)
+        if warning:
+            record["warning"] = warning
+            log(f"[yellow]epoch {epoch}: {warning}[/]")
+        self._save_samples(epoch, images, teacher_logits)
+        self.save_artifacts(epoch, calibration_images)
+        if self.eval_source is not None and (epoch % config.eval_every == 0 or epoch == config.epochs):
+            with self.stopwatch.excluding():
+                record["accuracy"] = self.evaluate(self.student, self.student_spec, "  eval")
+        log(f"epoch {epoch}: " + (f"student {record['accuracy']['100%']:.2%}, " if "accuracy" in record else "")
+            + f"student loss {record.get('loss_student', 0):.4f}, classes {diagnostics['classes_predicted']}/"
+            f"{self.num_classes}, entropy {diagnostics['class_entropy']:.2f}, diversity {diagnostics['image_diversity']:.2f}")
+        append_jsonl(self.out / "metrics.jsonl", record)
+
+    @torch.no_grad()
+    def _student_agreement(self, images: torch.Tensor, teacher_logits: torch.Tensor) -> float:
+        """Top-1 agreement of student and teacher on the diagnostic synthetic images: a data-free progress signal."""
+        was_training = self.student.training
+        self.student.eval()
+        with self.setup.autocast():
+            predicted = torch.cat([self.student(self.setup.to_memory_format(images[i:i + 256])).argmax(1)
+                                   for i in range(0, len(images), 256)])
+        self.student.train(was_training)
+        return round(float((predicted == teacher_logits.argmax(1)).float().mean()), 4)
+
+    def _save_samples(self, epoch: int, images: torch.Tensor, teacher_logits: torch.Tensor) -> None:
+        count = min(self.config.sample_images, len(images))
+        names = self.teacher_checkpoint.class_names
+        labels = [names[p] if names else str(p) for p in teacher_logits[:count].argmax(1).tolist()]
+        save_sample_grid(images[:count], self.student_spec.mean, self.student_spec.std, labels,
+                         self.out / "samples" / f"epoch_{epoch:04d}.png")
+
+    def _write_result(self, epochs_run: int) -> dict:
+        metrics = [json.loads(line) for line in (self.out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        evaluated = [m for m in metrics if m.get("accuracy")]
+        shipped = metrics[-1] if metrics else {}
+        result = {"student": str(self.out / "student.pt"), "generator": str(self.out / "generator.pt"),
+                  "synthetic": str(self.out / "synthetic.pt"), "method": self.config.method, "preset": self.config.preset,
+                  "epochs_run": epochs_run, "epochs": self.config.epochs,
+                  "shipped": {"epoch": shipped.get("epoch"), "selection": "the last epoch (no labels are used to choose)",
+                              "test_accuracy": shipped.get("accuracy")},
+                  "teacher_accuracy": self.teacher_accuracy, "train_seconds": round(self.stopwatch.seconds, 1)}
+        if evaluated:
+            best = max(evaluated, key=lambda m: m["accuracy"]["100%"])
+            result["best_test_epoch"] = {"epoch": best["epoch"], "test_accuracy": best["accuracy"],
+                                         "note": "chosen on test labels: for reference only, never shipped"}
+        atomic_write_json(self.out / "result.json", result)
+        return result

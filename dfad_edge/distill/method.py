@@ -1,0 +1,142 @@
+"""The interface every distillation method implements, and the registry the loop finds them in.
+
+The loop (loop.py) owns what every method shares: the teacher and student, the schedule of epochs or a time budget,
+checkpoints and exact resume, signals, evaluation, diagnostics and sample grids. A method (one file each: dfad.py,
+pool.py) owns how images are synthesised and how the student learns from them, with its options in one dataclass.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, ClassVar
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..checkpoint import InputSpec
+from ..errors import DfadError
+from ..runtime import autocast
+
+
+@dataclass
+class Setup:
+    """What the loop hands a method: frozen teacher, student, device and precision, the spec of the images."""
+
+    teacher: nn.Module
+    student: nn.Module
+    student_forward: Callable[[torch.Tensor], torch.Tensor]  # the student, compiled when asked
+    teacher_forward: Callable[[torch.Tensor], torch.Tensor]
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    channels_last: bool
+    num_classes: int
+    student_spec: InputSpec
+    teacher_size: tuple[int, int] | None  # the teacher's input size where it differs from the student's
+    epochs: int
+
+    def autocast(self):
+        return autocast(self.device, self.amp_dtype)
+
+    @staticmethod
+    @contextmanager
+    def frozen(module: nn.Module):
+        """Gradients flow through the module to its input but its own weight gradients are not computed (the
+        generator's steps need d loss / d image, never the student's weight gradients)."""
+        flags = [p.requires_grad for p in module.parameters()]
+        module.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for parameter, flag in zip(module.parameters(), flags):
+                parameter.requires_grad_(flag)
+
+    def to_memory_format(self, images: torch.Tensor) -> torch.Tensor:
+        return images.contiguous(memory_format=torch.channels_last) if self.channels_last and images.dim() == 4 else images
+
+    def teacher_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """The teacher on images in the student's spec; resized (differentiably) when the teacher takes another size."""
+        if self.teacher_size is not None:
+            images = F.interpolate(images, size=self.teacher_size, mode="bilinear", align_corners=False)
+        return self.teacher_forward(images).float()
+
+    def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels in [0, 1] -> the models' normalised input space (the teacher's mean and std)."""
+        shape = (1, -1) + (1,) * (pixels.dim() - 2)
+        mean = torch.tensor(self.student_spec.mean, device=pixels.device).view(shape)
+        std = torch.tensor(self.student_spec.std, device=pixels.device).view(shape)
+        return (pixels - mean) / std
+
+
+class DistillMethod(ABC):
+    """One way of making synthetic images and teaching the student on them."""
+
+    name: ClassVar[str]
+    options_class: ClassVar[type]
+
+    def __init__(self, setup: Setup, options):
+        self.setup, self.options = setup, options
+
+    @abstractmethod
+    def iteration(self, progress: float) -> dict[str, torch.Tensor | int]:
+        """One unit of work at this point of the run (0..1). Returns its loss terms as 0-dim tensors left on the
+        device (the loop reads them back once per log interval, not once per iteration), and under "images" the
+        number of images that went through a network, as an int (for images/s)."""
+
+    @abstractmethod
+    def learning_rates(self) -> dict[str, float]:
+        """The learning rates in effect now, by optimiser, named lr_<part>."""
+
+    @abstractmethod
+    def synthetic_batch(self, count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised synthetic images and the teacher's logits for them, for diagnostics and sample grids; must not
+        disturb the training state (RNG included)."""
+
+    def diagnostics(self) -> dict:
+        """Method-specific figures for metrics.jsonl (e.g. the pool's class histogram)."""
+        return {}
+
+    @abstractmethod
+    def state_dict(self) -> dict:
+        """Everything needed to resume exactly, except large data kept in its own files (save_files)."""
+
+    @abstractmethod
+    def load_state_dict(self, state: dict, out: Path) -> None: ...
+
+    def save_files(self, out: Path) -> None:
+        """Write large state incrementally (e.g. the synthetic pool) before last.pt names it."""
+
+    @abstractmethod
+    def generator_artifact(self) -> dict:
+        """What generator.pt holds: the trained generator, for users who want more synthetic images."""
+
+    @abstractmethod
+    def calibration_images(self, count: int, seed: int) -> torch.Tensor:
+        """Normalised synthetic images that represent what the student trained on, for data-free INT8 calibration."""
+
+
+METHODS: dict[str, type[DistillMethod]] = {}
+
+
+def register_method(cls: type[DistillMethod]) -> type[DistillMethod]:
+    METHODS[cls.name] = cls
+    return cls
+
+
+def method_class(name: str) -> type[DistillMethod]:
+    if name not in METHODS:
+        raise DfadError(f"unknown method '{name}': choose one of {', '.join(sorted(METHODS))}")
+    return METHODS[name]
+
+
+def sgd(parameters, lr: float, momentum: float, weight_decay: float, device: torch.device) -> torch.optim.SGD:
+    """SGD with the multi-tensor (foreach) update on CUDA: one kernel launch per parameter group, not per tensor."""
+    return torch.optim.SGD(parameters, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                           foreach=device.type == "cuda")
+
+
+def adam(parameters, lr: float, betas: tuple[float, float], device: torch.device) -> torch.optim.Adam:
+    return torch.optim.Adam(parameters, lr=lr, betas=betas, foreach=device.type == "cuda")
