@@ -18,7 +18,7 @@ def _run(*args, env_extra=None, cwd=None) -> subprocess.CompletedProcess:
     return subprocess.run([str(a) for a in args], env=env, cwd=cwd, capture_output=True, text=True, timeout=900)
 
 
-SMOKE = {"SMOKE": "1", "DATA": "digits", "TEACHER_ARCH": "digits_cnn", "PRESET": "digits", "DEVICE": "cpu"}
+SMOKE = {"SMOKE": "1", "DATA": "digits", "TEACHER_ARCH": "digits_cnn", "STUDENT": "digits_cnn_small", "DEVICE": "cpu"}
 STEP_OUTPUTS = ("teacher/teacher.pt", "teacher/eval.json", "distill/result.json", "distill/student.pt",
                 "export-student/export.json", "export-teacher/model.int8.onnx", "bench/report.json", "bench/report.md")
 
@@ -69,23 +69,17 @@ def test_tools_fail_with_one_line_not_a_traceback(tmp_path):
         assert result.returncode != 0 and result.stderr.startswith("error: ") and "Traceback" not in result.stderr
 
 
-def test_layer_precisions_read_the_inspector_json():
-    sys.path.insert(0, str(TOOLS))
-    try:
-        from trt_layer_precisions import parse_engine_information, summary
-    finally:
-        sys.path.remove(str(TOOLS))
-    # The shape IEngineInspector.get_engine_information(JSON) returns with detailed profiling verbosity.
-    info = {"Layers": [
-        {"Name": "conv1", "LayerType": "CaskConvolution",
-         "Inputs": [{"Name": "images", "Format/Datatype": "Row major linear FP32"}],
-         "Outputs": [{"Name": "a", "Format/Datatype": "Row major linear FP32"}]},
-        {"Name": "layer1.0.conv1", "LayerType": "CaskConvolution",
-         "Inputs": [{"Name": "a", "Format/Datatype": "Thirty-two wide channel vectorized row major Int8 format."}],
-         "Outputs": [{"Name": "b", "Format/Datatype": "Thirty-two wide channel vectorized row major Int8 format."}]},
-        {"Name": "fc", "LayerType": "gemm", "Inputs": [{"Format/Datatype": "Half"}], "Outputs": [{"Format/Datatype": "Float"}]},
-    ]}
-    layers = parse_engine_information(info)
-    assert [(l["precision"], l["output"]) for l in layers] == [("fp32", "fp32"), ("int8", "int8"), ("fp16", "fp32")]
-    assert summary(layers)["convolutions"] == {"fp32": 1, "int8": 1}
-    assert parse_engine_information({"Layers": ["conv1"]})[0]["precision"].startswith("unknown")
+def test_gpu_check_plumbing_runs_on_a_cpu_and_says_which_steps_need_a_gpu(tmp_path):
+    result = _run("bash", TOOLS / "gpu_check.sh", tmp_path / "check", "--smoke", "--device", "cpu")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads((tmp_path / "check" / "gpu_check.json").read_text())
+    status = {step["step"]: step for step in summary["steps"]}
+    skipped = [s for s in status.values() if s["status"] == "skipped"]
+    # fp16 with gradient scaling and torch.compile are CUDA paths: skipped on a CPU, each saying why.
+    assert {s["step"] for s in skipped} == {"distill, fp16 with gradient scaling", "distill, torch.compile"}
+    assert all("needs a CUDA GPU" in s["why"] for s in skipped)
+    assert all(s["status"] == "ok" for s in status.values() if s not in skipped), status
+    assert summary["figures"]["distill-bf16"]["test_top1"] > 0.2  # the smoke student learnt something
+    assert any(row["backend"] == "onnxruntime" and not row["skipped"] for row in summary["figures"]["bench"])
+    markdown = (tmp_path / "check" / "gpu_check.md").read_text()
+    assert "needs a CUDA GPU" in markdown and "| skipped |" in markdown
