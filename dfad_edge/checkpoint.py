@@ -28,6 +28,7 @@ _PREFIXES = ("module.", "_orig_mod.")
 
 
 TRANSFORMS = ("stretch", "center_crop")
+INTERPOLATIONS = ("bilinear", "bicubic")
 # Up to this size a model is CIFAR-style: trained and evaluated on whole images resized to its input ("stretch").
 # Larger models are ImageNet-style and evaluated on a centre crop.
 SMALL_IMAGE_LIMIT = 64
@@ -45,6 +46,7 @@ class InputSpec:
     # to size / crop_pct and the centre taken.
     transform: str = "stretch"
     crop_pct: float | None = None
+    interpolation: str = "bilinear"  # of every resize (bicubic: what many timm weights were evaluated with)
 
     def validate(self) -> None:
         if len(self.mean) != self.channels or len(self.std) != self.channels:
@@ -55,6 +57,8 @@ class InputSpec:
             raise DfadError(f"std values must be positive, got {self.std}")
         if self.transform not in TRANSFORMS:
             raise DfadError(f"unknown input transform '{self.transform}': choose {' or '.join(TRANSFORMS)}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise DfadError(f"unknown interpolation '{self.interpolation}': choose {' or '.join(INTERPOLATIONS)}")
         if self.transform == "center_crop" and not (self.crop_pct and 0 < self.crop_pct <= 1):
             raise DfadError(f"a centre crop needs a crop fraction in (0, 1], got {self.crop_pct}")
 
@@ -96,7 +100,8 @@ class ModelCheckpoint:
 
     def describe(self) -> str:
         spec = self.input_spec
-        crop = f", evaluated on a centre crop of {spec.crop_pct:g}" if spec.transform == "center_crop" else ""
+        crop = (f", evaluated on a centre crop of {spec.crop_pct:g} ({spec.interpolation} resize)"
+                if spec.transform == "center_crop" else "")
         return (
             f"{self.arch} ({self.num_classes} classes, input {spec.channels}x{spec.height}x{spec.width}{crop}, "
             f"made by {self.provenance.get('command', 'unknown')})"
@@ -249,8 +254,12 @@ def imported_input_spec(arch: str, in_channels: int, mean: list[float] | None, s
         crop_pct = pretrained.crop_pct if pretrained else DEFAULT_CROP_PCT
         if pretrained is not None:
             defaulted.append(f"centre crop {crop_pct:g}")
+    # The library's resize for ImageNet-style evaluation; CIFAR-style models see images resized as they were trained.
+    interpolation = pretrained.interpolation if pretrained and transform == "center_crop" else "bilinear"
+    if interpolation != "bilinear":
+        defaulted.append(f"{interpolation} resize")
     spec = InputSpec(in_channels, height, width, list(mean), list(std), transform,
-                     crop_pct if transform == "center_crop" else None)
+                     crop_pct if transform == "center_crop" else None, interpolation)
     spec.validate()
     return spec, defaulted
 

@@ -295,6 +295,7 @@ def distill(
         saved = _saved_run_config(out)
         config, teacher_path, device_name = None, Path(saved["teacher"]), saved["device"]
         eval_data = eval_data or saved.get("eval_data")  # the resumed run goes on observing what it observed
+        data_dir = data_dir or (Path(saved["data_dir"]) if saved.get("data_dir") else None)
     else:
         if teacher is None:
             raise DfadError("distill needs --teacher (a dfad-edge checkpoint; see dfad-edge import / train-teacher)")

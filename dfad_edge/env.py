@@ -78,4 +78,14 @@ def collect_environment() -> dict:
         "cpu_cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "jetson": _jetson_facts(),
+        **_training_precision(),
     }
+
+
+def _training_precision() -> dict:
+    """What ``--amp auto`` detects and picks on this machine's default device."""
+    from .runtime import autocast_dtype, cpu_bf16_instructions, resolve_device
+
+    dtype = autocast_dtype(resolve_device("auto"))
+    return {"cpu_bf16_instructions": cpu_bf16_instructions(),
+            "amp_auto": str(dtype).replace("torch.", "") if dtype is not None else "fp32 (no native bf16)"}

@@ -141,14 +141,16 @@ def test_import_takes_what_is_not_given_from_the_pretrained_config_and_says_so(t
     result = run_cli("import", tmp_path / "user.pth", "--arch", "timm.resnet18.a1_in1k", "--out", tmp_path / "t.pt")
     assert result.exit_code == 0, result.output
     assert "pretrained config" in result.output and "centre crop 0.95" in result.output
+    assert "bicubic resize" in result.output  # these weights were evaluated with a bicubic resize
     spec = load_checkpoint(tmp_path / "t.pt").input_spec
     assert (spec.height, spec.mean, spec.transform, spec.crop_pct) == (224, [0.485, 0.456, 0.406], "center_crop", 0.95)
+    assert spec.interpolation == "bicubic"
     # What the user gives wins; a 32x32 model is evaluated CIFAR-style, on the whole image.
     result = run_cli("import", tmp_path / "user.pth", "--arch", "timm.resnet18.a1_in1k", "--mean", "0.5,0.5,0.5",
                      "--std", "0.2,0.2,0.2", "--input-size", "32", "--out", tmp_path / "cifar.pt")
     assert result.exit_code == 0 and "pretrained config" not in result.output
     spec = load_checkpoint(tmp_path / "cifar.pt").input_spec
-    assert (spec.height, spec.mean, spec.transform) == (32, [0.5] * 3, "stretch")
+    assert (spec.height, spec.mean, spec.transform, spec.interpolation) == (32, [0.5] * 3, "stretch", "bilinear")
     # An architecture without a normalisation of its own needs --mean and --std.
     torch.save(_weights(), tmp_path / "digits.pth")
     assert "--mean and --std are needed" in _cli_error("import", tmp_path / "digits.pth", "--arch", "digits_cnn_small",

@@ -21,6 +21,10 @@ def test_doctor_reports_what_a_bug_report_needs(tmp_path):
                 "tensorrt", "cpu", "cpu_cores", "jetson"):
         assert key in facts
     assert facts["tensorrt"]  # a version or "not installed"
+    # What --amp auto detected and picks here: bf16 only with native bf16 instructions (or a GPU that has them).
+    assert isinstance(facts["cpu_bf16_instructions"], list)
+    if not facts["cuda_available"]:
+        assert (facts["amp_auto"] == "bfloat16") == bool(facts["cpu_bf16_instructions"])
 
 
 @pytest.mark.parametrize("args,expected", [

@@ -142,6 +142,11 @@ def test_center_crop_is_torchvision_resize_then_center_crop(height, width):
     # torchvision's ImageNet evaluation transform: Resize(256), CenterCrop(224).
     reference = functional.center_crop(functional.resize(image, 256, antialias=True), 224)
     assert torch.allclose(center_crop(image, 224, 224, 0.875), reference, atol=1e-6)
+    # Weights evaluated with a bicubic resize (many of timm's) get it, kept in [0, 1] as PIL's 8-bit output is.
+    bicubic = functional.resize(image, 256, interpolation=functional.InterpolationMode.BICUBIC, antialias=True)
+    reference = functional.center_crop(bicubic.clamp(0, 1), 224)
+    assert torch.allclose(center_crop(image, 224, 224, 0.875, "bicubic"), reference, atol=1e-6)
+    assert not torch.allclose(center_crop(image, 224, 224, 0.875), reference, atol=1e-3)
 
 
 def test_an_imagenet_style_torchvision_teacher_is_evaluated_on_the_centre_crop(tmp_path):

@@ -11,6 +11,7 @@ import torch
 from conftest import distill_config, run_cli
 from dfad_edge.checkpoint import load_checkpoint, safe_torch_load
 from dfad_edge.distill import DistillRun, RunInterrupted, apply_overrides, preset_config
+from dfad_edge.distill.config import RUN_FACTS, DistillConfig
 from dfad_edge.distill.diagnostics import collapse_warning, mean_pairwise_distance, normalised_entropy
 from dfad_edge.distill.losses import class_balance_loss
 from dfad_edge.errors import DfadError
@@ -85,6 +86,9 @@ def test_evaluation_observes_only_the_same_student_with_and_without_eval_data(tm
 def test_run_folder_holds_what_a_user_reads(distilled_digits):
     config = json.loads((distilled_digits / "config.json").read_text())
     assert config["method"] == "pool" and config["preset"] == "tiny" and "teacher" in config
+    # --config takes it back: the same options, the run's facts (teacher, resolved device...) left aside.
+    again = json.loads(json.dumps(DistillConfig.from_dict(config).to_dict()))
+    assert again == {key: value for key, value in config.items() if key not in RUN_FACTS}
     assert config["pool"]["temperature"] > 0 and config["resolved"]["device"] == "cpu"
     metrics = _metrics(distilled_digits)
     assert [m["epoch"] for m in metrics] == list(range(1, config["epochs"] + 1))
@@ -264,7 +268,9 @@ def test_an_existing_or_busy_run_folder_is_not_written_into(tmp_path, digits_tea
     ("momentum=1.5", "momentum must be < 1"),
     ("epochs=0", "epochs must be >= 1"),
     ("warmup=nan", "warmup must be a finite number"),
-    ("pool_size=16", "smaller than student_batch"),
+    ("pool_size=16", "smaller than batch_size"),
+    ("student_batch=9000", "smaller than student_batch"),
+    ("student_input_size=8,8,8", "takes H,W"),
     ("no_such_option=1", "no such option"),
     ("batch_size=many", "expected int"),
 ])
@@ -275,9 +281,9 @@ def test_bad_settings_are_one_clear_line_before_anything_runs(tmp_path, digits_t
     assert not (tmp_path / "run").exists()
 
 
-def test_a_replay_memory_smaller_than_its_share_of_a_batch_is_refused():
+def test_a_replay_memory_smaller_than_a_batch_is_refused():
     config = apply_overrides(preset_config("dfad", "tiny"), ["replay_size=10", "batch_size=128"])
-    with pytest.raises(DfadError, match="every student batch would shrink"):
+    with pytest.raises(DfadError, match="must hold one batch"):
         config.validate()
 
 

@@ -76,10 +76,12 @@ def test_gpu_check_plumbing_runs_on_a_cpu_and_says_which_steps_need_a_gpu(tmp_pa
     status = {step["step"]: step for step in summary["steps"]}
     skipped = [s for s in status.values() if s["status"] == "skipped"]
     # fp16 with gradient scaling and torch.compile are CUDA paths: skipped on a CPU, each saying why.
-    assert {s["step"] for s in skipped} == {"distill, fp16 with gradient scaling", "distill, torch.compile"}
+    assert {s["step"] for s in skipped} == {"distill, fp16 with gradient scaling, method dfad",
+                                            "distill, fp16 with gradient scaling, method pool", "distill, torch.compile"}
     assert all("needs a CUDA GPU" in s["why"] for s in skipped)
     assert all(s["status"] == "ok" for s in status.values() if s not in skipped), status
     assert summary["figures"]["distill-bf16"]["test_top1"] > 0.2  # the smoke student learnt something
     assert any(row["backend"] == "onnxruntime" and not row["skipped"] for row in summary["figures"]["bench"])
+    assert (tmp_path / "check" / "distill_throughput.json").is_file()  # in the check's folder, not the repository's
     markdown = (tmp_path / "check" / "gpu_check.md").read_text()
     assert "needs a CUDA GPU" in markdown and "| skipped |" in markdown

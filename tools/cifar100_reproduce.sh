@@ -21,7 +21,8 @@ MEAN=${MEAN:-0.5071,0.4865,0.4409}      # CIFAR-100 training statistics, for an 
 STD=${STD:-0.2673,0.2564,0.2762}
 DATA_DIR="$ROOT/data"
 TEACHER_BUDGET="--epochs 200 --batch-size 128"
-DISTILL_BUDGET=${DISTILL_BUDGET:-}      # e.g. "--budget 2h"; default: the preset's epochs
+METHOD=${METHOD:-auto}                  # dfad or pool; auto: the default for the teacher's kind of data
+DISTILL_BUDGET=${DISTILL_BUDGET:---budget 4h}  # the schedule is planned to end then (the presets are sized for a CPU)
 EXPORT_BUDGET="--max-batch 256"
 BENCH_BUDGET="--batch-sizes 1,32,256"
 if [ -n "${SMOKE:-}" ]; then
@@ -45,11 +46,11 @@ fi
 [ -f "$ROOT/teacher/eval.json" ] ||
   dfad-edge eval "$ROOT/teacher/teacher.pt" --data "$DATA" --data-dir "$DATA_DIR" --device "$DEVICE" --json "$ROOT/teacher/eval.json"
 
-# 2. Distillation: the default method for the teacher's kind of data (pool), or the published DFAD recipe with
+# 2. Distillation: the default method for the teacher's kind of data (METHOD=auto), or the published DFAD recipe with
 #    PLAIN=1. The test set is only observed (each epoch); the student that ships is the last epoch's.
 RUN="$ROOT/distill"
-METHOD_ARGS="--method pool --student $STUDENT"
-[ -n "${PLAIN:-}" ] && { RUN="$ROOT/distill-plain"; METHOD_ARGS="--method dfad --preset cifar100"; }
+METHOD_ARGS="--method $METHOD --student $STUDENT"
+[ -n "${PLAIN:-}" ] && { RUN="$ROOT/distill-plain"; METHOD_ARGS="--method dfad --preset cifar100"; DISTILL_BUDGET=""; }
 if [ ! -f "$RUN/result.json" ]; then
   if [ -f "$RUN/last.pt" ]; then
     dfad-edge distill --out "$RUN" --eval-data "$DATA" --data-dir "$DATA_DIR" --device "$DEVICE" --resume

@@ -38,11 +38,13 @@ def check_compatible(source: DataSource, spec: InputSpec, num_classes: int, clas
         )
 
 
-def resize(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    return F.interpolate(image[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
+def resize(image: torch.Tensor, size: tuple[int, int], interpolation: str = "bilinear") -> torch.Tensor:
+    resized = F.interpolate(image[None], size=size, mode=interpolation, align_corners=False, antialias=True)[0]
+    return resized.clamp(0, 1) if interpolation == "bicubic" else resized  # bicubic overshoots, as PIL clips it
 
 
-def center_crop(image: torch.Tensor, height: int, width: int, crop_pct: float) -> torch.Tensor:
+def center_crop(image: torch.Tensor, height: int, width: int, crop_pct: float,
+                interpolation: str = "bilinear") -> torch.Tensor:
     """ImageNet-style evaluation (torchvision's Resize(size / crop_pct) + CenterCrop(size), timm's crop_pct): scale,
     keeping the aspect ratio, until the image covers size / crop_pct, then take the centre height x width."""
     cover_h, cover_w = math.floor(height / crop_pct), math.floor(width / crop_pct)
@@ -50,7 +52,7 @@ def center_crop(image: torch.Tensor, height: int, width: int, crop_pct: float) -
     scale = max(cover_h / image_h, cover_w / image_w)
     scaled_h, scaled_w = max(cover_h, int(image_h * scale)), max(cover_w, int(image_w * scale))
     if (scaled_h, scaled_w) != (image_h, image_w):
-        image = resize(image, (scaled_h, scaled_w))
+        image = resize(image, (scaled_h, scaled_w), interpolation)
     top, left = int(round((scaled_h - height) / 2.0)), int(round((scaled_w - width) / 2.0))
     return image[..., top:top + height, left:left + width]
 
@@ -58,9 +60,9 @@ def center_crop(image: torch.Tensor, height: int, width: int, crop_pct: float) -
 def fit_to_spec(image: torch.Tensor, spec: InputSpec) -> torch.Tensor:
     """An image of any size at the model's input size, the way its spec says the model was evaluated."""
     if spec.transform == "center_crop":
-        return center_crop(image, spec.height, spec.width, spec.crop_pct)
+        return center_crop(image, spec.height, spec.width, spec.crop_pct, spec.interpolation)
     if image.shape[-2:] != (spec.height, spec.width):
-        image = resize(image, (spec.height, spec.width))
+        image = resize(image, (spec.height, spec.width), spec.interpolation)
     return image
 
 

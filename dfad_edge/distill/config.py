@@ -17,6 +17,7 @@ from .method import method_class
 from .pool import PoolOptions
 
 KINDS = ("tiny", "small", "large")
+RUN_FACTS = ("teacher", "eval_data", "data_dir", "resolved")
 
 
 @dataclass
@@ -44,6 +45,11 @@ class DistillConfig:
 
     def validate(self) -> None:
         validate_options(self)
+        if self.student_input_size is not None:
+            if len(self.student_input_size) == 1:
+                self.student_input_size = self.student_input_size * 2  # one size: a square input
+            if len(self.student_input_size) != 2:
+                raise DfadError(f"student_input_size takes H,W (e.g. 32,32) or one size, got {self.student_input_size}")
         expected = method_class(self.method).options_class
         if not isinstance(self.options, expected):
             raise DfadError(f"method '{self.method}' takes {expected.__name__}, got {type(self.options).__name__}")
@@ -57,7 +63,8 @@ class DistillConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "DistillConfig":
-        data = dict(data)
+        # A run's config.json also records facts about the run (teacher, eval data, what was resolved): not options.
+        data = {key: value for key, value in data.items() if key not in RUN_FACTS}
         method = data.get("method", "pool")
         options = from_plain(method_class(method).options_class, data.pop(method, {}))
         known = {key: value for key, value in data.items() if key in field_names(cls) and key != "options"}

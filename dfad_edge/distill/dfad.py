@@ -20,10 +20,9 @@ from ..models import create_model
 from ..options import option
 from ..runtime import grad_scaler
 from .losses import BatchNormStatistics, class_balance_loss, require_batchnorm, student_logit_loss
-from .method import DistillMethod, Setup, adam, register_method, sgd
+from .method import GENERATOR_FORMAT, DistillMethod, Setup, adam, register_method, sgd
 from .schedule import SCHEDULES, epoch_progress, lr_factor, set_lr
 
-GENERATOR_FORMAT = "dfad-edge-generator/1"
 
 
 @dataclass
@@ -49,11 +48,11 @@ class DfadOptions:
     replay_fraction: float = option(0.5, "share of each student batch taken from the replay memory", min=0, below=1)
 
     def validate(self) -> None:
-        replayed = int(self.batch_size * self.replay_fraction)
-        if self.replay_size and self.replay_size < replayed:
-            raise DfadError(f"replay_size {self.replay_size} is smaller than the replayed share of a batch ({replayed} = "
-                            f"batch_size {self.batch_size} x replay_fraction {self.replay_fraction}): every student batch "
-                            f"would shrink. Use replay_size >= {replayed}, or 0 to turn replay off.")
+        # A memory smaller than a batch could not hold one write, nor give the replayed share of a student batch
+        # (which would then silently shrink every student batch).
+        if self.replay_size and self.replay_size < self.batch_size:
+            raise DfadError(f"replay_size {self.replay_size} is smaller than batch_size {self.batch_size}: the memory "
+                            "must hold one batch. Use replay_size >= batch_size, or 0 to turn replay off.")
 
 
 class ReplayMemory:

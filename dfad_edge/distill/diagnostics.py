@@ -57,4 +57,4 @@ def collapse_warning(diagnostics: dict, num_classes: int) -> str | None:
     if not reasons:
         return None
     return ("possible mode collapse: " + "; ".join(reasons) +
-            ". Try --bn-stats 10 / --class-balance 1 / --replay 8192 (see README, 'Mode collapse').")
+            ". Try the remedies: --set bn_stats=10 --set class_balance=1 (see README, 'Mode collapse').")

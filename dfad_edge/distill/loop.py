@@ -124,7 +124,7 @@ class DistillRun:
         self.amp_dtype = autocast_dtype(self.device, config.amp)
         self.teacher_checkpoint = load_checkpoint(self.teacher_path)
         self.eval_source = resolve_source(eval_data, data_dir, download) if eval_data else None
-        self.eval_data = eval_data
+        self.eval_data, self.data_dir = eval_data, data_dir
         if self.eval_source is not None:
             check_compatible(self.eval_source, self.teacher_checkpoint.input_spec,
                              self.teacher_checkpoint.num_classes, self.teacher_checkpoint.class_names)
@@ -239,7 +239,8 @@ class DistillRun:
     def epoch_done(self, epoch: int, iteration: int, seconds: float) -> bool:
         config = self.config
         if config.budget_minutes is not None:
-            return seconds >= 60 * config.budget_minutes * (epoch + 1) / config.epochs
+            # At least one iteration, even if end-of-epoch work (evaluation excluded) ate into this epoch's share.
+            return iteration > 0 and seconds >= 60 * config.budget_minutes * (epoch + 1) / config.epochs
         return iteration >= config.iters_per_epoch
 
     # --- the run ---------------------------------------------------------------------------------------------
@@ -266,7 +267,8 @@ class DistillRun:
 
     def _write_config(self) -> None:
         atomic_write_json(self.out / "config.json", {
-            **self.config.to_dict(), "teacher": str(self.teacher_path), "eval_data": self.eval_data,
+            **self.config.to_dict(), "teacher": str(Path(self.teacher_path).resolve()), "eval_data": self.eval_data,
+            "data_dir": str(Path(self.data_dir).resolve()) if self.data_dir else None,
             "resolved": {"device": str(self.device), "amp_dtype": str(self.amp_dtype),
                          "cpu_bf16_instructions": cpu_bf16_instructions() if self.device.type == "cpu" else None,
                          "student_input": list(self.student_spec.shape), "dfad_edge_version": __version__,

@@ -87,7 +87,8 @@ class BatchNormStatistics:
         self._inputs: list[tuple[nn.modules.batchnorm._BatchNorm, torch.Tensor]] = []
         self._current: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._previous: list[tuple[torch.Tensor, torch.Tensor]] | None = None
-        self._handles = [layer.register_forward_hook(self._hook) for layer in self.layers]
+        for layer in self.layers:
+            layer.register_forward_hook(self._hook)
 
     def _hook(self, layer: nn.modules.batchnorm._BatchNorm, inputs, _output) -> None:
         if self.active:
@@ -119,9 +120,15 @@ class BatchNormStatistics:
         return total if self.reduction == "sum" else total / len(self.layers)
 
     def remember_batch(self) -> None:
-        """Keep the last measured batch's statistics as the 'previous batch' the next ones blend with."""
-        if self._current:
+        """Fold the last measured batch's statistics into the moving average the next batches blend with."""
+        if not self._current:
+            return
+        if self._previous is None or not self.momentum:
             self._previous = list(self._current)
+            return
+        blend = lambda old, new: self.momentum * old + (1 - self.momentum) * new
+        self._previous = [(blend(old_mean, mean), blend(old_variance, variance))
+                          for (old_mean, old_variance), (mean, variance) in zip(self._previous, self._current)]
 
     def state(self) -> list | None:
         return self._previous
@@ -129,6 +136,3 @@ class BatchNormStatistics:
     def load(self, state: list | None) -> None:
         self._previous = state
 
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()

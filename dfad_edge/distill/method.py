@@ -21,6 +21,9 @@ from ..checkpoint import InputSpec
 from ..errors import DfadError
 from ..runtime import autocast
 
+# generator.pt, as every method writes it: the trained generator, to synthesise more images later.
+GENERATOR_FORMAT = "dfad-edge-generator/1"
+
 
 @dataclass
 class Setup:
@@ -62,13 +65,6 @@ class Setup:
         if self.teacher_size is not None:
             images = F.interpolate(images, size=self.teacher_size, mode="bilinear", align_corners=False)
         return self.teacher_forward(images).float()
-
-    def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Pixels in [0, 1] -> the models' normalised input space (the teacher's mean and std)."""
-        shape = (1, -1) + (1,) * (pixels.dim() - 2)
-        mean = torch.tensor(self.student_spec.mean, device=pixels.device).view(shape)
-        std = torch.tensor(self.student_spec.std, device=pixels.device).view(shape)
-        return (pixels - mean) / std
 
 
 class DistillMethod(ABC):

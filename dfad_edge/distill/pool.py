@@ -32,11 +32,10 @@ from ..runtime import grad_scaler
 from .augment import horizontal_flip_half, random_shift_flip
 from .losses import (BatchNormStatistics, agreement_masked_adversarial, class_balance_loss, require_batchnorm,
                      student_logit_loss)
-from .method import DistillMethod, Setup, adam, register_method, sgd
+from .method import GENERATOR_FORMAT, DistillMethod, Setup, adam, register_method, sgd
 from .schedule import lr_factor, set_lr
 from .synthetic_pool import SyntheticPool
 
-GENERATOR_FORMAT = "dfad-edge-generator/1"
 # A teacher counts as flip-invariant (natural images) when flipping a synthetic batch keeps this share of its top-1
 # predictions; digits and text are not (a mirrored 3 is no 3), and flipping them would teach the student wrong labels.
 FLIP_AGREEMENT = 0.8
@@ -94,6 +93,9 @@ class PoolOptions:
                                    "shift and mirror with fresh ones")
 
     def validate(self) -> None:
+        if self.pool_size < self.batch_size:
+            raise DfadError(f"pool_size {self.pool_size} is smaller than batch_size {self.batch_size}: the pool must "
+                            "hold one synthesised batch")
         if self.pool_size < self.student_batch:
             raise DfadError(f"pool_size {self.pool_size} is smaller than student_batch {self.student_batch}: "
                             "the student could never draw a full batch")
@@ -265,7 +267,8 @@ class PoolMethod(DistillMethod):
         for _ in range(batches):
             targets = targets[torch.randperm(len(targets), device=targets.device)]
             with self.setup.autocast():
-                images = self.setup.to_memory_format(self.generator(targets, self._fresh_inputs(len(targets)).detach()))
+                noise = torch.randn(len(targets), self.options.nz, device=self.setup.device)  # nothing to learn here
+                images = self.setup.to_memory_format(self.generator(targets, noise))
                 self.pool.add(images.float(), self.setup.teacher_logits(images))
 
     @torch.no_grad()
@@ -321,7 +324,8 @@ class PoolMethod(DistillMethod):
         losses = [self.student_step() for _ in range(steps)]
         terms["loss_student"] = torch.stack(losses).mean() if losses else torch.zeros((), device=self.setup.device)
         options = self.options
-        terms["images"] = (options.batch_size * (options.synth_steps + 1 + 2 * options.samples_per_step)
+        regenerated = 1 if options.synth_augment else 0  # the stored images made again after augmented steps
+        terms["images"] = (options.batch_size * (options.synth_steps + regenerated + 2 * options.samples_per_step)
                            + steps * options.student_batch)
         return terms
 

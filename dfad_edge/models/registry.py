@@ -29,6 +29,7 @@ class PretrainedInput:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     crop_pct: float  # evaluation: resize the shorter side to size / crop_pct, then take the centre
+    interpolation: str = "bilinear"  # of that resize: the library's, e.g. bicubic for many timm weights
 
 
 @dataclass(frozen=True)
@@ -110,7 +111,8 @@ def _torchvision_entry(name: str) -> ModelEntry:
     # The default weights' evaluation transform (offline metadata): crop size, resize size, mean and std.
     transform = tvm.get_model_weights(tv_name).DEFAULT.transforms()
     crop, resize = transform.crop_size[0], transform.resize_size[0]
-    pretrained = PretrainedInput(tuple(transform.mean), tuple(transform.std), crop / resize)
+    pretrained = PretrainedInput(tuple(transform.mean), tuple(transform.std), crop / resize,
+                                 _interpolation_name(transform.interpolation.value))
     return ModelEntry(name, _torchvision_builder(tv_name), (crop, crop), _library_description("torchvision", pretrained),
                       pretrained=pretrained)
 
@@ -139,15 +141,24 @@ def _timm_entry(name: str) -> ModelEntry:
     input_size = tuple(config.input_size[-2:]) if config and config.input_size else (224, 224)
     pretrained = None
     if config and config.mean and config.std:
-        pretrained = PretrainedInput(tuple(config.mean), tuple(config.std), config.crop_pct or DEFAULT_CROP_PCT)
+        pretrained = PretrainedInput(tuple(config.mean), tuple(config.std), config.crop_pct or DEFAULT_CROP_PCT,
+                                     _interpolation_name(config.interpolation))
     fixed_input_size = bool(config and config.fixed_input_size)
     description = _library_description("timm", pretrained) + ("; fixed input size" if fixed_input_size else "")
     return ModelEntry(name, _timm_builder(timm_name), input_size, description, pretrained=pretrained,
                       fixed_input_size=fixed_input_size)
 
 
+def _interpolation_name(name: str | None) -> str:
+    """The resize a library's weights were evaluated with, as dfad-edge names it (bilinear or bicubic); another
+    (nearest, random) is closest to bilinear."""
+    return "bicubic" if name == "bicubic" else "bilinear"
+
+
 def _library_description(library: str, pretrained: PretrainedInput | None) -> str:
-    return f"{library}; pretrained config: centre crop {pretrained.crop_pct:.3g}" if pretrained else library
+    if not pretrained:
+        return library
+    return f"{library}; pretrained config: centre crop {pretrained.crop_pct:.3g}, {pretrained.interpolation}"
 
 
 def _timm_builder(timm_name: str) -> Callable[..., nn.Module]:
