@@ -236,18 +236,23 @@ def test_kill_9_loses_at_most_the_work_since_the_last_checkpoint(tmp_path, digit
     assert [m["epoch"] for m in _metrics(out)] == list(range(1, 41))
 
 
-def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp_path, digits_teacher, monkeypatch):
-    run = DistillRun(_tiny(log_every=1), digits_teacher, tmp_path / "run")
-    real_iteration, calls = run.method.iteration, []
+def nan_from_epoch_2(iteration):
+    """A method iteration whose student loss turns NaN from its 4th call on (epoch 2 of _tiny's 3 iterations each)."""
+    calls = []
 
-    def nan_in_epoch_2(progress):
+    def iteration_with_nan(progress):
         calls.append(1)
-        terms = real_iteration(progress)
+        terms = iteration(progress)
         if len(calls) > 3:
             terms["loss_student"] = torch.tensor(float("nan"))
         return terms
 
-    monkeypatch.setattr(run.method, "iteration", nan_in_epoch_2)
+    return iteration_with_nan
+
+
+def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp_path, digits_teacher, monkeypatch):
+    run = DistillRun(_tiny(log_every=1), digits_teacher, tmp_path / "run")
+    monkeypatch.setattr(run.method, "iteration", nan_from_epoch_2(run.method.iteration))
     with pytest.raises(DfadError, match="non-finite loss at epoch 2"):
         run.run()
     assert safe_torch_load(tmp_path / "run" / "last.pt")["epoch"] == 1

@@ -23,7 +23,7 @@ from dfad_edge.distributed import rank, split_across_ranks, torchrun_process_gro
 from dfad_edge.errors import DfadError
 from dfad_edge.evaluate import evaluate_checkpoint
 from dfad_edge.train_teacher import TeacherConfig, train_teacher
-from test_distill import _metrics, _tiny
+from test_distill import _metrics, _tiny, nan_from_epoch_2
 
 RANKS = 2
 BATCH = 32
@@ -243,16 +243,7 @@ def test_a_signal_to_one_rank_stops_both_and_the_run_resumes_to_the_same_student
 def _nan_on_rank_1(teacher, folder) -> None:
     run = DistillRun(_tiny(log_every=1), teacher, folder / "run")
     if rank() == 1:
-        real_iteration, calls = run.method.iteration, []
-
-        def nan_in_epoch_2(progress):
-            calls.append(1)
-            terms = real_iteration(progress)
-            if len(calls) > 3:
-                terms["loss_student"] = torch.tensor(float("nan"))
-            return terms
-
-        run.method.iteration = nan_in_epoch_2
+        run.method.iteration = nan_from_epoch_2(run.method.iteration)
     try:
         run.run()
     except DfadError as exc:

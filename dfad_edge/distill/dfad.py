@@ -20,7 +20,7 @@ from ..models import create_model
 from ..options import option
 from ..runtime import grad_scaler
 from .losses import BatchNormStatistics, class_balance_loss, require_batchnorm, student_logit_loss
-from .method import GENERATOR_FORMAT, DistillMethod, Setup, adam, register_method, sgd
+from .method import GENERATOR_FORMAT, DistillMethod, Setup, adam, generator_kwargs, register_method, scaled_step, sgd
 from .schedule import SCHEDULES, epoch_progress, lr_factor, set_lr
 
 
@@ -92,10 +92,7 @@ class DfadMethod(DistillMethod):
 
     def __init__(self, setup: Setup, options: DfadOptions):
         super().__init__(setup, options)
-        channels, height, width = setup.student_spec.shape
-        if height != width:
-            raise DfadError(f"generator_a makes square images; the student input is {height}x{width}")
-        self.generator_kwargs = {"nz": options.nz, "ngf": options.ngf, "img_size": height, "channels": channels}
+        self.generator_kwargs = generator_kwargs(setup, options.nz, options.ngf)
         self.generator = create_model("generator_a", **self.generator_kwargs).to(setup.device)
         if setup.channels_last:
             self.generator.to(memory_format=torch.channels_last)
@@ -138,10 +135,7 @@ class DfadMethod(DistillMethod):
             with torch.no_grad():
                 teacher_logits = setup.teacher_logits(images)
             loss = self.student_loss(setup.student_forward(images).float(), teacher_logits)
-        self.optimizer_s.zero_grad(set_to_none=True)
-        self.scaler_s.scale(loss).backward()
-        self.scaler_s.step(self.optimizer_s)
-        self.scaler_s.update()
+        scaled_step(loss, self.optimizer_s, self.scaler_s)
         return loss.detach()
 
     def generator_step(self) -> dict[str, torch.Tensor]:
@@ -159,10 +153,7 @@ class DfadMethod(DistillMethod):
             adversarial = -self.student_loss(setup.student_forward(images).float(), teacher_logits)
             balance = class_balance_loss(teacher_logits) if options.class_balance > 0 else zero
             loss = options.adversarial * adversarial + options.bn_stats * bn_loss + options.class_balance * balance
-        self.optimizer_g.zero_grad(set_to_none=True)
-        self.scaler_g.scale(loss).backward()
-        self.scaler_g.step(self.optimizer_g)
-        self.scaler_g.update()
+        scaled_step(loss, self.optimizer_g, self.scaler_g)
         return {"loss_generator": loss.detach(), "loss_adversarial": adversarial.detach(),
                 "loss_bn_stats": bn_loss.detach(), "loss_class_balance": balance.detach()}
 

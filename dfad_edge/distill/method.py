@@ -136,3 +136,19 @@ def sgd(parameters, lr: float, momentum: float, weight_decay: float, device: tor
 
 def adam(parameters, lr: float, betas: tuple[float, float], device: torch.device) -> torch.optim.Adam:
     return torch.optim.Adam(parameters, lr=lr, betas=betas, foreach=device.type == "cuda")
+
+
+def generator_kwargs(setup: Setup, nz: int, ngf: int) -> dict:
+    """The generators make square images of the student's input: their size and channels, or a clear refusal."""
+    channels, height, width = setup.student_spec.shape
+    if height != width:
+        raise DfadError(f"the generators make square images; the student input is {height}x{width}")
+    return {"nz": nz, "ngf": ngf, "img_size": height, "channels": channels}
+
+
+def scaled_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
+    """One optimiser step on ``loss``, scaled for fp16 (a pass-through scaler otherwise)."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()

@@ -32,7 +32,7 @@ from ..runtime import grad_scaler
 from .augment import horizontal_flip_half, random_shift_flip
 from .losses import (BatchNormStatistics, agreement_masked_adversarial, class_balance_loss, require_batchnorm,
                      student_logit_loss)
-from .method import GENERATOR_FORMAT, DistillMethod, Setup, adam, register_method, sgd
+from .method import GENERATOR_FORMAT, DistillMethod, Setup, adam, generator_kwargs, register_method, scaled_step, sgd
 from .schedule import lr_factor, set_lr
 from .synthetic_pool import SyntheticPool
 
@@ -148,10 +148,7 @@ class PoolMethod(DistillMethod):
         super().__init__(setup, options)
         if options.bn_stats > 0:
             require_batchnorm(setup.teacher, "bn_stats")
-        channels, height, width = setup.student_spec.shape
-        if height != width:
-            raise DfadError(f"the pool method's generator makes square images; the student input is {height}x{width}")
-        self.generator_kwargs = {"nz": options.nz, "ngf": options.ngf, "img_size": height, "channels": channels}
+        self.generator_kwargs = generator_kwargs(setup, options.nz, options.ngf)
         conditional = setup.num_classes if options.generator_input == "label" else None
         decoder = create_model("generator_pixels" if options.generator == "pixels" else "generator_a", **self.generator_kwargs)
         spec = setup.student_spec
@@ -302,10 +299,7 @@ class PoolMethod(DistillMethod):
                 teacher_logits = setup.teacher_logits(images)
         with setup.autocast():
             loss = self.student_loss(setup.student_forward(images).float(), teacher_logits)
-        self.optimizer_s.zero_grad(set_to_none=True)
-        self.scaler_s.scale(loss).backward()
-        self.scaler_s.step(self.optimizer_s)
-        self.scaler_s.update()
+        scaled_step(loss, self.optimizer_s, self.scaler_s)
         return loss.detach()
 
     def _set_learning_rate(self, progress: float) -> None:
