@@ -73,20 +73,22 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def rng_state() -> dict:
+def rng_state(device: torch.device) -> dict:
+    """The random streams a run draws from; on CUDA, the generator of its own GPU only (a run resumed where other GPUs
+    are visible, or fewer, must still restore it)."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return _to_plain(state)
 
 
-def restore_rng_state(state: dict) -> None:
+def restore_rng_state(state: dict, device: torch.device) -> None:
     random.setstate(_python_state(state["python"]))
     numpy_state = state["numpy"]
     np.random.set_state((numpy_state[0], numpy_state[1].numpy().astype(np.uint32), *numpy_state[2:]))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def _to_plain(state: dict) -> dict:

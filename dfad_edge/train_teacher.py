@@ -130,7 +130,7 @@ def train_teacher(config: TeacherConfig, out: Path, resume: bool = False) -> dic
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
-        restore_rng_state(state["rng"] if is_main() else state["other_ranks_rng"][rank() - 1])
+        restore_rng_state(state["rng"] if is_main() else state["other_ranks_rng"][rank() - 1], device)
         start_epoch, accuracy = state["epoch"], state["accuracy"]
         log(f"resuming {out} at epoch {start_epoch + 1}/{config.epochs}")
     elif is_main():
@@ -160,7 +160,7 @@ def train_teacher(config: TeacherConfig, out: Path, resume: bool = False) -> dic
                 seen += len(labels)
                 progress.update(task, advance=1, status=f"loss {total_loss / seen:.3f}")
             total_loss, seen = host_floats_summed([total_loss, seen], device)  # every rank's batches
-            rngs = gather_to_main(rng_state())
+            rngs = gather_to_main(rng_state(device))
             if not is_main():  # rank 0 evaluates and writes; the others wait for it in the next epoch's first step
                 continue
             lr = scheduler.get_last_lr()[0]

@@ -90,7 +90,11 @@ def test_run_folder_holds_what_a_user_reads(distilled_digits):
     again = json.loads(json.dumps(DistillConfig.from_dict(config).to_dict()))
     assert again == {key: value for key, value in config.items() if key not in RUN_FACTS}
     assert config["pool"]["temperature"] > 0 and config["resolved"]["device"] == "cpu"
+    # The teacher's inference copy has its BatchNorm folded; the BN-statistics term still sees the teacher's layers.
+    folding = config["resolved"]["inference_teacher"]
+    assert (folding["batchnorm_layers_folded"], folding["not_folded_because"]) == (3, None)
     metrics = _metrics(distilled_digits)
+    assert config["pool"]["bn_stats"] > 0 and all(m["loss_bn_stats"] > 0 for m in metrics)
     assert [m["epoch"] for m in metrics] == list(range(1, config["epochs"] + 1))
     for key in ("loss_student", "loss_bn_stats", "lr_student", "images_per_s", "accuracy", "collapse",
                 "synthetic_agreement"):
@@ -130,12 +134,60 @@ def test_teacher_stays_frozen_in_eval_mode_and_the_generator_and_student_learn(t
     teacher_state = {k: v.clone() for k, v in run.setup.teacher.state_dict().items()}
     generator_before = {k: v.clone() for k, v in run.method.generator.named_parameters()}
     student_before = {k: v.clone() for k, v in run.student.named_parameters()}
-    for _ in range(2):
-        run.method.iteration(0.5)
+    terms = [run.method.iteration(0.5) for _ in range(2)]
+    # The BN-statistics term (on in both tiny presets) sees the teacher's BatchNorm layers, not the folded copy.
+    assert run.config.options.bn_stats > 0 and all(float(t["loss_bn_stats"]) > 0 for t in terms)
     assert not run.setup.teacher.training
     assert all(torch.equal(teacher_state[k], v) for k, v in run.setup.teacher.state_dict().items())
     assert any(not torch.equal(generator_before[k], v) for k, v in run.method.generator.named_parameters())
     assert any(not torch.equal(student_before[k], v) for k, v in run.student.named_parameters())
+
+
+def test_bf16_runs_a_folded_teacher_with_its_weights_cast_once(tmp_path, digits_teacher):
+    run = DistillRun(_tiny("dfad", amp="bf16"), digits_teacher, tmp_path / "run")
+    assert run.inference_teacher == {"batchnorm_layers_folded": 3, "not_folded_because": None,
+                                     "weights_in_autocast_type": True, "compiled": False}
+    folded, teacher = run.setup.folded_teacher_forward, run.setup.teacher
+    assert {m.weight.dtype for m in folded.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))} == \
+           {torch.bfloat16}
+    assert {p.dtype for p in teacher.parameters()} == {torch.float32}  # the hooked teacher is left as it was
+    images = torch.randn(64, 1, 8, 8)
+    with torch.no_grad(), run.setup.autocast():
+        agree = (run.setup.teacher_logits(images).argmax(1) == teacher(images).argmax(1)).float().mean()
+    assert agree > 0.95  # bf16 rounding may flip a near-tie, nothing more
+    assert torch.isfinite(run.method.iteration(0.5)["loss_student"])
+
+
+def test_a_compiled_teacher_gives_the_eager_teacher_s_targets(tmp_path, digits_teacher):
+    from dfad_edge.models.frozen import CompiledInference
+
+    run = DistillRun(_tiny("dfad", compile_teacher=True), digits_teacher, tmp_path / "run")
+    compiled = run.setup.folded_teacher_forward
+    assert isinstance(compiled, CompiledInference) and run.inference_teacher["compiled"]
+    images = torch.randn(32, 1, 8, 8)
+    with torch.no_grad(), run.setup.autocast():  # as Setup.teacher_logits runs it
+        assert torch.allclose(compiled(images).float(), compiled.module(images).float(), rtol=1e-2, atol=1e-2)
+    assert compiled.compiled is not None  # it compiled (a failure falls back to eager for good)
+    with torch.enable_grad(), run.setup.autocast():  # the generator's steps need d logits / d images: eager
+        images.requires_grad_(True)
+        compiled(images).float().sum().backward()
+    assert images.grad is not None and images.grad.abs().sum() > 0
+    assert torch.isfinite(run.method.iteration(0.5)["loss_student"])
+
+
+def test_a_teacher_that_fails_to_compile_runs_eager_after_one_line(monkeypatch):
+    from dfad_edge.models.frozen import CompiledInference
+
+    def failing(*_args, **_kwargs):
+        raise RuntimeError("C++ compile error\nno compiler")
+
+    monkeypatch.setattr(torch, "compile", lambda module, **_: failing)
+    failures, model = [], torch.nn.Linear(4, 2)
+    teacher = CompiledInference(model, failures.append)
+    images = torch.randn(3, 4)
+    with torch.no_grad():
+        assert torch.equal(teacher(images), model(images)) and torch.equal(teacher(images), model(images))
+    assert failures == ["RuntimeError: C++ compile error"]
 
 
 def test_teacher_with_another_input_size_sees_a_resized_view(tmp_path, digits_teacher):
@@ -143,10 +195,11 @@ def test_teacher_with_another_input_size_sees_a_resized_view(tmp_path, digits_te
     teacher.input_spec.height = teacher.input_spec.width = 16
     teacher.save(tmp_path / "teacher16.pt")
     run = DistillRun(_tiny(), tmp_path / "teacher16.pt", tmp_path / "run")
-    seen = []
-    run.setup.teacher.register_forward_hook(lambda _m, inputs, _o: seen.append(tuple(inputs[0].shape[-2:])))
+    seen = {"hooked": [], "folded": []}
+    for name, teacher in (("hooked", run.setup.teacher), ("folded", run.setup.folded_teacher_forward)):
+        teacher.register_forward_hook(lambda _m, inputs, _o, name=name: seen[name].append(tuple(inputs[0].shape[-2:])))
     run.method.iteration(0.5)
-    assert set(seen) == {(16, 16)}
+    assert set(seen["hooked"]) == set(seen["folded"]) == {(16, 16)}
     assert run.student_spec.height == 8 and run.method.pool.stored.shape[-2:] == (8, 8)
 
 
@@ -198,6 +251,13 @@ def test_resume_after_sigterm_reaches_the_same_student(tmp_path, digits_teacher,
     resumed = load_checkpoint(tmp_path / "interrupted" / "student.pt").state_dict
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
     assert [m["epoch"] for m in _metrics(tmp_path / "interrupted")] == [1, 2, 3]
+
+
+def test_a_foreign_file_named_last_pt_is_refused_in_one_line(tmp_path, digits_teacher):
+    (tmp_path / "run").mkdir()
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "run" / "last.pt")
+    with pytest.raises(DfadError, match="not a dfad-edge distillation state"):
+        DistillRun(_tiny("dfad"), digits_teacher, tmp_path / "run", resume=True)
 
 
 def test_the_pool_is_saved_in_shards_beside_the_checkpoint_not_inside_it(tmp_path, digits_teacher):

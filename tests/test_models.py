@@ -1,3 +1,4 @@
+import copy
 import sys
 
 import pytest
@@ -121,3 +122,67 @@ def test_models_lists_parameters_and_macs_to_pick_a_student_by_budget(monkeypatc
         assert params in line and macs in line, line
     everything = run_cli("models", "--timm").output
     assert "narrow the list with a pattern" in everything and "timm.resnet18 " in everything
+
+
+def _with_trained_batchnorm_statistics(model: torch.nn.Module) -> torch.nn.Module:
+    """Fresh BatchNorm layers are the identity map (mean 0, var 1); folding must also be right for trained ones."""
+    generator = torch.Generator().manual_seed(0)
+    for layer in model.modules():
+        if isinstance(layer, torch.nn.BatchNorm2d):
+            for buffer, low, high in ((layer.running_mean, -0.5, 0.5), (layer.running_var, 0.3, 3.0),
+                                      (layer.weight.data, 0.5, 1.5), (layer.bias.data, -0.3, 0.3)):
+                buffer.copy_(torch.rand(buffer.shape, generator=generator) * (high - low) + low)
+    return model.eval().requires_grad_(False)
+
+
+@pytest.mark.parametrize("arch", ["resnet20", "resnet18_8x", "mobilenetv2_cifar"])
+def test_folded_teacher_computes_what_the_teacher_computes_and_leaves_it_untouched(arch):
+    from dfad_edge.models.frozen import fold_batchnorm
+
+    def count_batchnorm(model):
+        return sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+
+
+    teacher = _with_trained_batchnorm_statistics(create_model(arch, num_classes=10))
+    images = torch.randn(4, 3, *default_input_size(arch))
+    state = {key: value.clone() for key, value in teacher.state_dict().items()}
+    with torch.no_grad():
+        expected = teacher(images)
+    folded = fold_batchnorm(teacher, images)
+    assert folded.reason == "" and folded.layers == count_batchnorm(teacher) and count_batchnorm(folded.module) == 0
+    with torch.no_grad():
+        assert torch.allclose(folded.module(images), expected, rtol=1e-4, atol=1e-4)
+        # The original is untouched (BN-statistics matching hooks its BatchNorm layers) and computes as before.
+        assert torch.equal(teacher(images), expected)
+    assert all(torch.equal(state[key], value) for key, value in teacher.state_dict().items())
+
+
+def test_a_model_that_cannot_be_folded_is_used_as_it_is():
+    from dfad_edge.models.frozen import fold_batchnorm
+
+    class DataDependent(torch.nn.Module):  # control flow on values: torch.fx cannot trace it
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return self.bn(self.conv(x)) if x.sum() > 0 else x
+
+    model = DataDependent().eval()
+    folded = fold_batchnorm(model, torch.randn(2, 3, 8, 8))
+    assert folded.module is model and folded.layers == 0 and "not traceable" in folded.reason
+    no_batchnorm = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU()).eval()
+    assert fold_batchnorm(no_batchnorm, torch.randn(2, 3, 8, 8)).reason == "no BatchNorm layers"
+
+
+def test_weights_cast_once_give_exactly_what_autocast_gives():
+    from dfad_edge.models.frozen import cast_for_autocast
+
+    teacher = _with_trained_batchnorm_statistics(create_model("resnet20", num_classes=10))
+    cast = copy.deepcopy(teacher)
+    cast_for_autocast(cast, torch.bfloat16)
+    assert cast.conv1.weight.dtype == torch.bfloat16 and cast.linear.weight.dtype == torch.bfloat16
+    assert cast.bn1.weight.dtype == torch.float32 and cast.bn1.running_var.dtype == torch.float32
+    images = torch.randn(4, 3, 32, 32)
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        assert torch.equal(cast(images), teacher(images))

@@ -145,7 +145,7 @@ class DfadMethod(DistillMethod):
             images = self._synthesize(options.batch_size)
             if self.bn_statistics is not None:
                 with self.bn_statistics:
-                    teacher_logits = setup.teacher_logits(images)
+                    teacher_logits = setup.teacher_logits(images, batchnorm_hooks=True)
                 bn_loss = self.bn_statistics.loss()
             else:
                 teacher_logits, bn_loss = setup.teacher_logits(images), zero

@@ -12,6 +12,7 @@ ranks/rankN/. Decisions that must not part the ranks (stop on a signal or a NaN,
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import replace
 import math
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from rich.markup import escape
 from torch.utils._pytree import tree_map
 
 from .. import __version__
@@ -35,8 +37,10 @@ from ..errors import DfadError
 from ..evaluate import loader_accuracy
 from ..io import append_jsonl, atomic_torch_save, atomic_write_json, atomic_write_text, run_folder_lock
 from ..models import build_kwargs, create_model, default_input_size
+from ..models.frozen import CompiledInference, cast_for_autocast, fold_batchnorm
 from ..progress import log, new_progress
-from ..runtime import autocast_dtype, cpu_bf16_instructions, resolve_device, restore_rng_state, rng_state, seed_everything
+from ..runtime import (autocast, autocast_dtype, cpu_bf16_instructions, resolve_device, restore_rng_state, rng_state,
+                       seed_everything)
 from .config import DistillConfig
 from .diagnostics import collapse_diagnostics, collapse_warning
 from .method import DistillMethod, Setup, method_class
@@ -113,7 +117,7 @@ class DistillRun:
         if resume:
             if not self.last_path.exists():
                 raise DfadError(f"--resume: no {self.last_path} to resume from")
-            saved = safe_torch_load(self.last_path)
+            saved = self._read_state()
             refuse_another_world_size(saved.get("world_size", 1), self.last_path)
             # The saved config wins: a resumed run must be the same run.
             config = DistillConfig.from_dict(saved["config"])
@@ -157,13 +161,58 @@ class DistillRun:
             teacher.to(memory_format=torch.channels_last)
             self.student.to(memory_format=torch.channels_last)
         teacher_size = (teacher_ckpt.input_spec.height, teacher_ckpt.input_spec.width)
+        teacher_forward = torch.compile(teacher) if config.compile else teacher
+        folded = self._build_inference_teacher(teacher, teacher_size)
+        if config.compile:
+            folded_forward = teacher_forward if folded is teacher else torch.compile(folded)
+        elif config.compile_teacher and folded is not teacher:  # never freeze the original: BN-statistics hooks it
+            folded_forward = CompiledInference(folded, self._teacher_compile_failed)
+        else:
+            folded_forward = folded
+        self.inference_teacher["compiled"] = config.compile or isinstance(folded_forward, CompiledInference)
         return Setup(
             teacher=teacher, student=self.student,
             student_forward=data_parallel(self.student, self.device, config.compile),
-            teacher_forward=torch.compile(teacher) if config.compile else teacher,
+            teacher_forward=teacher_forward, folded_teacher_forward=folded_forward,
             device=self.device, amp_dtype=self.amp_dtype, channels_last=config.channels_last,
             num_classes=self.num_classes, student_spec=self.student_spec,
             teacher_size=teacher_size if teacher_size != (height, width) else None, epochs=config.epochs)
+
+    def _build_inference_teacher(self, teacher: nn.Module, size: tuple[int, int]) -> nn.Module:
+        """The teacher with BatchNorm folded into its convolutions and their weights in the autocast type, for every
+        forward that BN-statistics hooks do not watch (Setup.teacher_logits runs it under autocast); folding is checked
+        against the teacher on a random batch (the original is used where folding is impossible)."""
+        channels = self.teacher_checkpoint.input_spec.shape[0]
+        # Its own generator: the check must not move the run's random stream (same seed, same run, folded or not).
+        example = torch.randn(8, channels, *size, generator=torch.Generator().manual_seed(0)).to(self.device)
+        folded = fold_batchnorm(teacher, example)
+        self.inference_teacher = {"batchnorm_layers_folded": folded.layers, "not_folded_because": folded.reason or None}
+        if folded.layers == 0:
+            return teacher  # not copied: casting its weights would change what the hooked forwards compute
+        if self.config.channels_last:
+            folded.module.to(memory_format=torch.channels_last)
+        if self.amp_dtype is not None:
+            self.inference_teacher["weights_in_autocast_type"] = self._cast_copy_agrees(teacher, folded.module, example)
+        return folded.module
+
+    def _teacher_compile_failed(self, reason: str) -> None:
+        log(f"[yellow]compiling the teacher failed ({escape(reason)}): it runs eager[/] "
+            "(--set compile_teacher=false skips the attempt)")
+
+    def _cast_copy_agrees(self, teacher: nn.Module, folded: nn.Module, example: torch.Tensor) -> bool:
+        """Casts the folded copy's weights to the autocast type, unless under autocast it then fails or disagrees with
+        the teacher beyond rounding (a layer that computes outside autocast, fp16 underflow of folded weights)."""
+        cast = copy.deepcopy(folded)
+        cast_for_autocast(cast, self.amp_dtype)
+        try:
+            with torch.no_grad(), autocast(self.device, self.amp_dtype):
+                expected, actual = teacher(example).float(), cast(example).float()
+        except RuntimeError:  # e.g. a dtype mismatch where a model switches autocast off around a layer
+            return False
+        if not torch.allclose(actual, expected, rtol=0, atol=0.05 * max(1.0, float(expected.abs().max()))):
+            return False
+        cast_for_autocast(folded, self.amp_dtype)
+        return True
 
     # --- evaluation and artifacts ----------------------------------------------------------------------------
     def evaluate(self, model: nn.Module, spec: InputSpec, description: str) -> dict[str, float]:
@@ -190,7 +239,7 @@ class DistillRun:
         """Rank 0's state, and the other ranks' random numbers and method states gathered into last.pt (a method's state
         can hold what one rank alone has, e.g. DFAD's replay memory); the ranks' losses so far as their mean."""
         self.method.save_files(self.rank_folder)
-        own = {"rng": rng_state(), "method": self.method.state_dict()}
+        own = {"rng": rng_state(self.device), "method": self.method.state_dict()}
         ranks = gather_to_main(None if is_main() else tree_map(lambda v: v.cpu() if torch.is_tensor(v) else v, own))
         losses = self._mean_losses(accumulators)
         if not is_main():
@@ -203,15 +252,20 @@ class DistillRun:
             "epoch_start": epoch_start, "teacher_accuracy": self.teacher_accuracy, "elapsed_s": self.stopwatch.seconds,
         }, self.last_path)
 
-    def load_state(self) -> tuple[int, int, dict, dict]:
+    def _read_state(self) -> dict:
         state = safe_torch_load(self.last_path)
-        if state.get("format") != STATE_FORMAT:
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        if found != STATE_FORMAT:
             raise DfadError(f"{self.last_path} is not a dfad-edge distillation state of this version "
-                            f"(format {state.get('format')}, expected {STATE_FORMAT})")
+                            f"(format {found}, expected {STATE_FORMAT}): start a new run with another --out")
+        return state
+
+    def load_state(self) -> tuple[int, int, dict, dict]:
+        state = self._read_state()
         own = state if is_main() else state["other_ranks"][rank() - 1]
         self.student.load_state_dict(state["student"])
         self.method.load_state_dict(own["method"], self.rank_folder)
-        restore_rng_state(own["rng"])
+        restore_rng_state(own["rng"], self.device)
         self.teacher_accuracy = state["teacher_accuracy"]
         self.stopwatch = Stopwatch(state["elapsed_s"])
         if is_main():
@@ -272,7 +326,8 @@ class DistillRun:
             "resolved": {"device": str(self.device), "amp_dtype": str(self.amp_dtype),
                          "cpu_bf16_instructions": cpu_bf16_instructions() if self.device.type == "cpu" else None,
                          "student_input": list(self.student_spec.shape), "dfad_edge_version": __version__,
-                         "world_size": world_size(), "rank_seeds": self.rank_seeds()}})
+                         "world_size": world_size(), "rank_seeds": self.rank_seeds(),
+                         "inference_teacher": self.inference_teacher}})
 
     def _run(self) -> dict:
         config = self.config

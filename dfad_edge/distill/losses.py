@@ -103,8 +103,9 @@ class BatchNormStatistics:
 
     def loss(self) -> torch.Tensor:
         """The layers' terms summed (DeepInversion, Fast-DFKD: deeper teachers weigh it more) or averaged."""
-        if not self._inputs:
-            return torch.zeros(())
+        if not self._inputs:  # a teacher forward that bypassed its BatchNorm layers would make this term silently 0
+            raise RuntimeError("BatchNormStatistics saw no BatchNorm input: call Setup.teacher_logits(..., "
+                               "batchnorm_hooks=True) inside its context")
         layers, features = zip(*self._inputs)
         self._inputs = []
         moments = batch_moments(list(features))

@@ -32,7 +32,8 @@ class Setup:
     teacher: nn.Module
     student: nn.Module
     student_forward: Callable[[torch.Tensor], torch.Tensor]  # the student, compiled when asked
-    teacher_forward: Callable[[torch.Tensor], torch.Tensor]
+    teacher_forward: Callable[[torch.Tensor], torch.Tensor]  # the teacher with its BatchNorm layers (hooks see them)
+    folded_teacher_forward: Callable[[torch.Tensor], torch.Tensor]  # the same function, faster (models/frozen.py)
     device: torch.device
     amp_dtype: torch.dtype | None
     channels_last: bool
@@ -60,11 +61,16 @@ class Setup:
     def to_memory_format(self, images: torch.Tensor) -> torch.Tensor:
         return images.contiguous(memory_format=torch.channels_last) if self.channels_last and images.dim() == 4 else images
 
-    def teacher_logits(self, images: torch.Tensor) -> torch.Tensor:
-        """The teacher on images in the student's spec; resized (differentiably) when the teacher takes another size."""
+    def teacher_logits(self, images: torch.Tensor, batchnorm_hooks: bool = False) -> torch.Tensor:
+        """The teacher on images in the student's spec; resized (differentiably) when the teacher takes another size.
+        ``batchnorm_hooks``: the call must pass through the teacher's BatchNorm layers (BN-statistics matching hooks
+        them); every other call runs the folded copy."""
         if self.teacher_size is not None:
             images = F.interpolate(images, size=self.teacher_size, mode="bilinear", align_corners=False)
-        return self.teacher_forward(images).float()
+        if batchnorm_hooks:
+            return self.teacher_forward(images).float()
+        with self.autocast():  # the folded copy keeps its weights in the autocast type
+            return self.folded_teacher_forward(images).float()
 
 
 class DistillMethod(ABC):

@@ -208,7 +208,7 @@ class PoolMethod(DistillMethod):
                 view = self._teacher_view(images)
                 if self.bn_statistics is not None:
                     with self.bn_statistics:
-                        teacher_logits = setup.teacher_logits(view)
+                        teacher_logits = setup.teacher_logits(view, batchnorm_hooks=True)
                     bn_loss = self.bn_statistics.loss()
                 else:
                     teacher_logits, bn_loss = setup.teacher_logits(view), zero
