@@ -142,7 +142,6 @@ def test_folded_teacher_computes_what_the_teacher_computes_and_leaves_it_untouch
     def count_batchnorm(model):
         return sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
 
-
     teacher = _with_trained_batchnorm_statistics(create_model(arch, num_classes=10))
     images = torch.randn(4, 3, *default_input_size(arch))
     state = {key: value.clone() for key, value in teacher.state_dict().items()}

@@ -12,7 +12,6 @@ ranks/rankN/. Decisions that must not part the ranks (stop on a signal or a NaN,
 
 from __future__ import annotations
 
-import copy
 import json
 from dataclasses import replace
 import math
@@ -37,10 +36,9 @@ from ..errors import DfadError
 from ..evaluate import loader_accuracy
 from ..io import append_jsonl, atomic_torch_save, atomic_write_json, atomic_write_text, run_folder_lock
 from ..models import build_kwargs, create_model, default_input_size
-from ..models.frozen import CompiledInference, cast_for_autocast, fold_batchnorm
+from ..models.frozen import CompiledInference, cast_if_it_agrees, fold_batchnorm
 from ..progress import log, new_progress
-from ..runtime import (autocast, autocast_dtype, cpu_bf16_instructions, resolve_device, restore_rng_state, rng_state,
-                       seed_everything)
+from ..runtime import autocast_dtype, cpu_bf16_instructions, resolve_device, restore_rng_state, rng_state, seed_everything
 from .config import DistillConfig
 from .diagnostics import collapse_diagnostics, collapse_warning
 from .method import DistillMethod, Setup, method_class
@@ -191,28 +189,15 @@ class DistillRun:
             return teacher  # not copied: casting its weights would change what the hooked forwards compute
         if self.config.channels_last:
             folded.module.to(memory_format=torch.channels_last)
-        if self.amp_dtype is not None:
-            self.inference_teacher["weights_in_autocast_type"] = self._cast_copy_agrees(teacher, folded.module, example)
-        return folded.module
+        if self.amp_dtype is None:
+            return folded.module
+        inference = cast_if_it_agrees(teacher, folded.module, example, self.amp_dtype)
+        self.inference_teacher["weights_in_autocast_type"] = inference is not folded.module
+        return inference
 
     def _teacher_compile_failed(self, reason: str) -> None:
         log(f"[yellow]compiling the teacher failed ({escape(reason)}): it runs eager[/] "
             "(--set compile_teacher=false skips the attempt)")
-
-    def _cast_copy_agrees(self, teacher: nn.Module, folded: nn.Module, example: torch.Tensor) -> bool:
-        """Casts the folded copy's weights to the autocast type, unless under autocast it then fails or disagrees with
-        the teacher beyond rounding (a layer that computes outside autocast, fp16 underflow of folded weights)."""
-        cast = copy.deepcopy(folded)
-        cast_for_autocast(cast, self.amp_dtype)
-        try:
-            with torch.no_grad(), autocast(self.device, self.amp_dtype):
-                expected, actual = teacher(example).float(), cast(example).float()
-        except RuntimeError:  # e.g. a dtype mismatch where a model switches autocast off around a layer
-            return False
-        if not torch.allclose(actual, expected, rtol=0, atol=0.05 * max(1.0, float(expected.abs().max()))):
-            return False
-        cast_for_autocast(folded, self.amp_dtype)
-        return True
 
     # --- evaluation and artifacts ----------------------------------------------------------------------------
     def evaluate(self, model: nn.Module, spec: InputSpec, description: str) -> dict[str, float]:

@@ -8,6 +8,7 @@ and linear layers are cast to the autocast type on every call (frozen weights ar
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -58,10 +59,30 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor) -> Folded:
         return Folded(model, 0, "no convolution followed only by a BatchNorm")
     folded.eval().requires_grad_(False)
     with torch.no_grad(), full_fp32_convolutions():
-        expected, actual = model(example).float(), folded(example).float()
-    if not torch.allclose(actual, expected, rtol=0, atol=1e-3 * max(1.0, float(expected.abs().max()))):
+        agree = outputs_agree(model(example), folded(example), relative=1e-3)
+    if not agree:
         return Folded(model, 0, "the folded copy did not reproduce the original's outputs")
     return Folded(folded, layers, "")
+
+
+def outputs_agree(expected: torch.Tensor, actual: torch.Tensor, relative: float) -> bool:
+    """Equal within ``relative`` of the largest expected output (logits of any scale, rounding of any precision)."""
+    expected, actual = expected.float(), actual.float()
+    return torch.allclose(actual, expected, rtol=0, atol=relative * max(1.0, float(expected.abs().max())))
+
+
+def cast_if_it_agrees(reference: nn.Module, module: nn.Module, example: torch.Tensor, dtype: torch.dtype) -> nn.Module:
+    """A copy of ``module`` cast for autocast (cast_for_autocast), or ``module`` itself where the copy then fails under
+    autocast or disagrees with ``reference`` beyond rounding (a layer that computes outside autocast, fp16 underflow of
+    folded weights)."""
+    cast = copy.deepcopy(module)
+    cast_for_autocast(cast, dtype)
+    try:
+        with torch.no_grad(), torch.autocast(device_type=example.device.type, dtype=dtype):
+            agree = outputs_agree(reference(example), cast(example), relative=0.05)
+    except RuntimeError:  # e.g. a dtype mismatch where a model switches autocast off around a layer
+        return module
+    return cast if agree else module
 
 
 def cast_for_autocast(module: nn.Module, dtype: torch.dtype) -> None:
