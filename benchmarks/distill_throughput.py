@@ -29,6 +29,7 @@ from dfad_edge.checkpoint import InputSpec, model_checkpoint
 from dfad_edge.distill import DistillRun, apply_overrides, preset_config
 from dfad_edge.env import collect_environment
 from dfad_edge.models import create_model, default_input_size
+from dfad_edge.models.generator import UpsampleConv2d
 from dfad_edge.runtime import cpu_bf16_instructions
 
 STUDENT_STEPS = 5  # the published recipe: 5 student steps per generator step
@@ -57,6 +58,9 @@ class PlainDfadLoop:
         self.teacher = teacher.to(device).eval().requires_grad_(False)
         self.student = create_model(student_arch, num_classes=num_classes, in_channels=3).to(device).train()
         self.generator = create_model("generator_a", nz=256, ngf=64, img_size=32, channels=3).to(device).train()
+        for layer in self.generator.modules():
+            if isinstance(layer, UpsampleConv2d):
+                layer.subpixel = False  # as the paper's code computes it: upsample, then convolve
         self.optimizer_s = torch.optim.SGD(self.student.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
         self.optimizer_g = torch.optim.Adam(self.generator.parameters(), lr=1e-3)
         self.batch_size, self.device = batch_size, device

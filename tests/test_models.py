@@ -71,6 +71,27 @@ def test_generator_makes_standardised_images_of_the_asked_shape(img_size, channe
         create_model("generator_a", img_size=30)
 
 
+@pytest.mark.parametrize("arch,img_size", [("generator_a", 32), ("generator_a", 8), ("generator_pixels", 30)])
+def test_generators_upsample_as_one_transposed_convolution_with_the_values_and_gradients_as_written(arch, img_size):
+    from dfad_edge.models.generator import UpsampleConv2d
+
+    generator = create_model(arch, nz=16, ngf=8, img_size=img_size, channels=3).double().train()
+    as_written = copy.deepcopy(generator)
+    layers = [m for m in as_written.modules() if isinstance(m, UpsampleConv2d)]
+    assert len(layers) == 2
+    for layer in layers:
+        layer.subpixel = False  # nearest x2 upsampling, then the 3x3 convolution
+    z = torch.randn(6, 16, dtype=torch.double)
+    fast, reference = generator(z), as_written(z)
+    assert torch.allclose(fast, reference, rtol=0, atol=1e-10)
+    (fast * reference.detach()).sum().backward()
+    (reference * reference.detach()).sum().backward()
+    for (name, parameter), twin in zip(generator.named_parameters(), as_written.parameters()):
+        assert torch.allclose(parameter.grad, twin.grad, rtol=0, atol=1e-9), name
+    # Checkpoints keep their keys: the layer is a Conv2d with a Conv2d's parameters.
+    assert "block1.0.weight" in generator.state_dict()
+
+
 def test_cifar_mobilenetv2_keeps_a_4x4_map_at_32x32_and_has_its_known_size():
     from dfad_edge.models.mobilenetv2_cifar import InvertedResidual
 
