@@ -17,7 +17,9 @@ How N ranks of batch B/N mean what one process of batch B means. Let each rank's
 
 from __future__ import annotations
 
+import gc
 import os
+import traceback
 from contextlib import ExitStack, contextmanager
 from dataclasses import fields, replace
 from datetime import timedelta
@@ -80,8 +82,17 @@ def torchrun_process_group(device_name: str) -> Iterator[None]:
         dist.init_process_group("gloo", timeout=COLLECTIVE_TIMEOUT)
     try:
         yield
+    except BaseException as error:
+        # The traceback's finished frames hold the run (and its DDP wrappers, which hold the process group): let go
+        # of their locals so the collection below can free them.
+        traceback.clear_frames(error.__traceback__)
+        raise
     finally:
         dist.destroy_process_group()
+        # Whatever still holds the process group (a finished run's DDP wrappers, often in reference cycles) would
+        # otherwise be freed during interpreter shutdown, where gloo's threads abort the process ("terminate called
+        # without an active exception"); collected now, the group shuts down while the interpreter is whole.
+        gc.collect()
 
 
 def rank_device(device: torch.device) -> torch.device:

@@ -70,13 +70,14 @@ def _trained_state(run: DistillRun) -> dict:
             "generator": {k: v.clone() for k, v in run.method.generator.state_dict().items()}}
 
 
-def _assert_same_update(reference: dict, shards: list[dict], before: dict, unmatched: set[str] = frozenset()) -> None:
+def _assert_same_update(reference: dict, shards: list[dict], before: dict, unmatched: set[str] = frozenset(),
+                        atol: float = 1e-5) -> None:
     for part in ("student", "generator"):
         moved = max(float((reference[part][k].float() - before[part][k].float()).abs().max()) for k in before[part])
         assert moved > 1e-3, f"the {part} did not learn: the comparison would be of untouched copies"
         for key, expected in reference[part].items():
             for shard in shards if f"{part}.{key}" not in unmatched else ():
-                torch.testing.assert_close(shard[part][key], expected, rtol=1e-4, atol=1e-5, msg=f"{part}.{key}")
+                torch.testing.assert_close(shard[part][key], expected, rtol=1e-4, atol=atol, msg=f"{part}.{key}")
 
 
 # --- one step: N ranks of B/N update like one process of B ---------------------------------------------------------
@@ -171,7 +172,10 @@ def test_a_pool_step_on_two_ranks_of_half_the_batch_equals_one_process_of_the_wh
     on_two_ranks(_pool_step_on_rank, digits_teacher, tmp_path)
     shards = [torch.load(tmp_path / f"rank{index}.pt") for index in range(RANKS)]
     # Synchronised BatchNorm, whole-batch terms, averaged generator gradients and the per-rank latents' gradients.
-    _assert_same_update(_trained_state(reference), shards, before)
+    # Rounding differences (each rank sums its half in its own order) grow through the meta-learnt inner steps, whose
+    # Adam-updated latents feed the first layer: its weights differ by up to 1.5e-5 (convolutions as written) or 2e-5
+    # (upsampling as transposed convolutions), 50 times less than one step (lr 1e-3), which a wrong gradient would move.
+    _assert_same_update(_trained_state(reference), shards, before, atol=5e-5)
     for index, shard in enumerate(shards):  # each rank's pool and latents: its rows of the batch
         rows = _pool_share(index)
         torch.testing.assert_close(shard["pool"].float(), reference.method.pool.stored[rows].float(), rtol=1e-2, atol=1e-2)
