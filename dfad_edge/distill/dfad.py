@@ -143,12 +143,7 @@ class DfadMethod(DistillMethod):
         zero = torch.zeros((), device=setup.device)
         with setup.autocast(), setup.frozen(setup.student):
             images = self._synthesize(options.batch_size)
-            if self.bn_statistics is not None:
-                with self.bn_statistics:
-                    teacher_logits = setup.teacher_logits(images, batchnorm_hooks=True)
-                bn_loss = self.bn_statistics.loss()
-            else:
-                teacher_logits, bn_loss = setup.teacher_logits(images), zero
+            teacher_logits, bn_loss = setup.teacher_logits_and_bn_loss(images, self.bn_statistics)
             # The generator maximises the student-teacher discrepancy; the gradient flows through both networks.
             adversarial = -self.student_loss(setup.student_forward(images).float(), teacher_logits)
             balance = class_balance_loss(teacher_logits) if options.class_balance > 0 else zero

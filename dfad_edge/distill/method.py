@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from ..checkpoint import InputSpec
 from ..errors import DfadError
 from ..runtime import autocast
+from .losses import BatchNormStatistics
 
 # generator.pt, as every method writes it: the trained generator, to synthesise more images later.
 GENERATOR_FORMAT = "dfad-edge-generator/1"
@@ -71,6 +72,16 @@ class Setup:
             return self.teacher_forward(images).float()
         with self.autocast():  # the folded copy keeps its weights in the autocast type
             return self.folded_teacher_forward(images).float()
+
+    def teacher_logits_and_bn_loss(self, images: torch.Tensor,
+                                   bn_statistics: BatchNormStatistics | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The teacher's logits and, where BN-statistics matching is on, its term (from the forward through the
+        teacher's BatchNorm layers, which the term hooks); 0 where it is off (the faster folded forward)."""
+        if bn_statistics is None:
+            return self.teacher_logits(images), torch.zeros((), device=self.device)
+        with bn_statistics:
+            logits = self.teacher_logits(images, batchnorm_hooks=True)
+        return logits, bn_statistics.loss()
 
 
 class DistillMethod(ABC):

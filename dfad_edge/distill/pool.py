@@ -206,12 +206,7 @@ class PoolMethod(DistillMethod):
             with setup.autocast(), setup.frozen(setup.student):
                 images = setup.to_memory_format(fast(targets, inputs))
                 view = self._teacher_view(images)
-                if self.bn_statistics is not None:
-                    with self.bn_statistics:
-                        teacher_logits = setup.teacher_logits(view, batchnorm_hooks=True)
-                    bn_loss = self.bn_statistics.loss()
-                else:
-                    teacher_logits, bn_loss = setup.teacher_logits(view), zero
+                teacher_logits, bn_loss = setup.teacher_logits_and_bn_loss(view, self.bn_statistics)
                 ce_loss = nn.functional.cross_entropy(teacher_logits, targets)
                 adversarial = (self.adversarial_loss(setup.student_forward(view).float(), teacher_logits)
                                if adversarial_on else zero)
