@@ -253,6 +253,23 @@ def test_resume_after_sigterm_reaches_the_same_student(tmp_path, digits_teacher,
     assert [m["epoch"] for m in _metrics(tmp_path / "interrupted")] == [1, 2, 3]
 
 
+def test_a_stop_asked_for_while_an_epoch_ends_runs_no_further_iteration(tmp_path, digits_teacher, monkeypatch):
+    run = DistillRun(_tiny("dfad"), digits_teacher, tmp_path / "run")
+    calls = []
+    real_iteration, real_end_epoch = run.method.iteration, run.end_epoch
+    monkeypatch.setattr(run.method, "iteration", lambda progress: calls.append(1) or real_iteration(progress))
+
+    def end_epoch_then_sigterm(*args, **kwargs):
+        real_end_epoch(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)  # e.g. Ctrl-C while the epoch's evaluation runs
+
+    monkeypatch.setattr(run, "end_epoch", end_epoch_then_sigterm)
+    with pytest.raises(RunInterrupted, match="epoch 2, iteration 0"):
+        run.run()
+    state = safe_torch_load(tmp_path / "run" / "last.pt")
+    assert (state["epoch"], state["iteration"]) == (1, 0) and len(calls) == run.config.iters_per_epoch
+
+
 def test_a_foreign_file_named_last_pt_is_refused_in_one_line(tmp_path, digits_teacher):
     (tmp_path / "run").mkdir()
     torch.save({"weights": torch.zeros(2)}, tmp_path / "run" / "last.pt")

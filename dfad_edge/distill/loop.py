@@ -326,8 +326,16 @@ class DistillRun:
                                          epoch * config.iters_per_epoch + iteration)
             while epoch < config.epochs:
                 epoch_start = epoch_start or {"elapsed_s": self.stopwatch.seconds}
-                seconds, _ = self._agree(stop_requested)
-                while not self.epoch_done(epoch, iteration, seconds):
+                while True:
+                    # Asked before every iteration, the first of an epoch included: a stop requested while the last
+                    # epoch ended (evaluation, checkpoints) ends the run there, without one more iteration.
+                    seconds, stop = self._agree(stop_requested)
+                    if stop:
+                        self.save_state(epoch, iteration, accumulators, epoch_start)
+                        raise RunInterrupted(f"interrupted at epoch {epoch + 1}, iteration {iteration}; state saved to "
+                                             f"{self.last_path}. Continue with: {self._resume_command()}")
+                    if self.epoch_done(epoch, iteration, seconds):
+                        break
                     terms = self.method.iteration(self.progress(epoch, iteration, seconds))
                     if iteration == 0:
                         epoch_start.update(self.method.learning_rates())  # the rates this epoch trained with
@@ -340,11 +348,6 @@ class DistillRun:
                         progress_bar.update(task, status=self._status(losses, iteration))
                     if config.budget_minutes is None:
                         progress_bar.advance(task)
-                    seconds, stop = self._agree(stop_requested)
-                    if stop:
-                        self.save_state(epoch, iteration, accumulators, epoch_start)
-                        raise RunInterrupted(f"interrupted at epoch {epoch + 1}, iteration {iteration}; state saved to "
-                                             f"{self.last_path}. Continue with: {self._resume_command()}")
                 losses = self._mean_losses(accumulators)
                 self._check_finite(losses, epoch, iteration)
                 self.end_epoch(epoch + 1, iteration, losses, accumulators.get("images", 0), epoch_start)
