@@ -120,7 +120,7 @@ def project_phases(run: DistillRun) -> dict:
         with torch.no_grad(), setup.autocast():
             setup.teacher_logits(setup.to_memory_format(images))
 
-    return {"generator step": method.generator_step, "teacher forward": teacher_forward,
+    return {"generator step": method.adversary.step, "teacher forward": teacher_forward,
             "student step": method.student_step}
 
 

@@ -275,6 +275,9 @@ def distill(
                                          "planned to end then (evaluation time not counted)"),
     eval_data: Optional[str] = typer.Option(None, "--eval-data", help="also evaluate on this test set each epoch; observed "
                                             "only, never used to choose the student"),
+    images: Optional[str] = typer.Option(None, "--images", help="method prior: learn on crops of these unlabeled images "
+                                         "(a file, a folder or a quoted glob; labels and folder names are ignored) "
+                                         "instead of the built-in photographs"),
     set_options: Optional[list[str]] = typer.Option(None, "--set", help="override any option, key=value (listed below); "
                                                     "repeatable"),
     config_file: Optional[Path] = typer.Option(None, "--config", help="start from a config.json of an earlier run"),
@@ -300,7 +303,7 @@ def distill(
         if teacher is None:
             raise DfadError("distill needs --teacher (a dfad-edge checkpoint; see dfad-edge import / train-teacher)")
         config = _distill_config(teacher, method, preset, config_file, student, budget, seed, amp, compile_models, device,
-                                 set_options or [])
+                                 set_options or [], images)
         teacher_path, device_name = teacher, config.device
     with torchrun_process_group(device_name):
         result = DistillRun(config, teacher_path, out, eval_data, data_dir, download, resume).run()
@@ -314,7 +317,7 @@ def distill(
 
 
 def _distill_config(teacher: Path, method: str, preset: str, config_file: Optional[Path], student, budget, seed, amp,
-                    compile_models: bool, device, assignments: list[str]):
+                    compile_models: bool, device, assignments: list[str], images: Optional[str] = None):
     from dataclasses import replace
 
     from .checkpoint import load_checkpoint
@@ -326,7 +329,15 @@ def _distill_config(teacher: Path, method: str, preset: str, config_file: Option
         except (OSError, json.JSONDecodeError) as exc:
             raise DfadError(f"--config {config_file}: cannot read it ({exc})") from None
     else:
-        config = preset_config(method, preset, teacher_kind(load_checkpoint(teacher).input_spec.height))
+        if images is not None and method not in ("auto", "prior"):
+            raise DfadError(f"--images is the prior method's source; --method {method} learns from its generator alone. "
+                            "Use --method prior (or auto)")
+        config = preset_config("prior" if images is not None else method, preset,
+                               teacher_kind(load_checkpoint(teacher).input_spec.height))
+    if images is not None:
+        if config.method != "prior":
+            raise DfadError(f"--images is the prior method's source; the configuration in --config is method {config.method}")
+        config = replace(config, options=replace(config.options, images=images))
     flags = {"student_arch": student, "budget_minutes": parse_budget(budget), "seed": seed, "amp": amp,
              "compile": compile_models or None, "device": device}
     config = replace(config, **{key: value for key, value in flags.items() if value is not None})

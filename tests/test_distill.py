@@ -20,8 +20,9 @@ from dfad_edge.evaluate import evaluate_checkpoint
 
 def _tiny(method: str = "pool", **changes):
     """The tiny preset cut to a few seconds, for behaviour (not accuracy) tests."""
-    options = {"batch_size": 32, "student_batch": 32, "pool_size": 256} if method == "pool" else \
-              {"batch_size": 32, "replay_size": 256}
+    options = {"pool": {"batch_size": 32, "student_batch": 32, "pool_size": 256},
+               "dfad": {"batch_size": 32, "replay_size": 256},
+               "prior": {"batch_size": 32, "generator_batch": 16, "generator_fraction": 0.25}}[method]
     options.update(changes.pop("options", {}))
     settings = dict(epochs=3, iters_per_epoch=3, diagnostic_images=64, sample_images=16, options=options)
     settings.update(changes)
@@ -128,7 +129,7 @@ def test_collapse_diagnostics_tell_collapse_from_health():
     assert class_balance_loss(one_class) > class_balance_loss(torch.randn(8, 3) * 0.01)
 
 
-@pytest.mark.parametrize("method", ["pool", "dfad"])
+@pytest.mark.parametrize("method", ["pool", "dfad", "prior"])
 def test_teacher_stays_frozen_in_eval_mode_and_the_generator_and_student_learn(tmp_path, digits_teacher, method):
     run = DistillRun(_tiny(method, options={"warmup": 0.0} if method == "pool" else {}), digits_teacher, tmp_path / "run")
     teacher_state = {k: v.clone() for k, v in run.setup.teacher.state_dict().items()}
@@ -225,7 +226,7 @@ def test_a_time_budget_ends_the_run_on_time_with_the_learning_rate_run_down(tmp_
     assert all(m["iterations"] >= 1 for m in metrics)
 
 
-@pytest.mark.parametrize("method", ["pool", "dfad"])
+@pytest.mark.parametrize("method", ["pool", "dfad", "prior"])
 def test_resume_after_sigterm_reaches_the_same_student(tmp_path, digits_teacher, monkeypatch, method):
     DistillRun(_tiny(method), digits_teacher, tmp_path / "straight").run()
 

@@ -1,6 +1,7 @@
-"""Stage 1: data-free distillation. One loop (loop.py) shared by every method; one file per method (dfad.py, pool.py)."""
+"""Stage 1: data-free distillation. One loop (loop.py) shared by every method; one file per method (dfad.py, pool.py,
+prior.py)."""
 
-from . import dfad, pool  # noqa: F401  (registration side effects)
+from . import dfad, pool, prior  # noqa: F401  (registration side effects)
 from .config import PRESETS, DistillConfig, apply_overrides, options_reference, preset_config, teacher_kind
 from .loop import DistillRun, RunInterrupted, load_synthetic_images
 from .method import METHODS

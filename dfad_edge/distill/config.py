@@ -15,6 +15,7 @@ from ..options import field_names, from_plain, option, option_help, parse_value,
 from .dfad import DfadOptions
 from .method import method_class
 from .pool import PoolOptions
+from .prior import PriorOptions
 
 KINDS = ("tiny", "small", "large")
 RUN_FACTS = ("teacher", "eval_data", "data_dir", "resolved")
@@ -24,7 +25,7 @@ RUN_FACTS = ("teacher", "eval_data", "data_dir", "resolved")
 class DistillConfig:
     """The loop's options; ``options`` holds the chosen method's."""
 
-    method: str = option("pool", "distillation method", choices=("dfad", "pool"))
+    method: str = option("pool", "distillation method", choices=("dfad", "pool", "prior"))
     preset: str = option("custom", "the named configuration this one started from")
     student_arch: str = option("resnet20", "student architecture (dfad-edge models)")
     student_input_size: tuple[int, ...] | None = option(None, "student HxW (default: the architecture's)", min=1)
@@ -43,7 +44,7 @@ class DistillConfig:
     diagnostic_images: int = option(512, "synthetic images for the collapse diagnostics each epoch", min=2)
     sample_images: int = option(64, "images in each epoch's sample grid", min=1)
     log_every: int = option(10, "iterations between reading losses back to the host (NaN check, progress bar)", min=1)
-    options: DfadOptions | PoolOptions = field(default_factory=PoolOptions, metadata={"help": "the method's options"})
+    options: DfadOptions | PoolOptions | PriorOptions = field(default_factory=PoolOptions, metadata={"help": "the method's options"})
 
     def validate(self) -> None:
         validate_options(self)
@@ -121,6 +122,14 @@ PRESETS: dict[str, dict[str, DistillConfig]] = {
     },
 }
 PRESETS["dfad"]["large"] = _dfad(preset="large", student_arch="torchvision.mobilenet_v3_small")
+PRESETS["prior"] = {
+    "small": DistillConfig(method="prior", preset="small", student_arch="resnet20", epochs=26, iters_per_epoch=20,
+                           options=PriorOptions()),
+    "tiny": DistillConfig(method="prior", preset="tiny", student_arch="digits_cnn_medium", epochs=24, iters_per_epoch=20,
+                          compile_teacher=False, options=PriorOptions(nz=64, ngf=32, batch_size=128)),
+    "large": DistillConfig(method="prior", preset="large", student_arch="torchvision.mobilenet_v3_small", epochs=100,
+                           iters_per_epoch=20, options=PriorOptions(batch_size=64)),
+}
 # The method ``--method auto`` picks for each kind of data: the one that measured better (README, "Choosing the
 # default"); large images were not measured and follow the small ones.
 DEFAULT_METHOD = {"tiny": "dfad", "small": "dfad", "large": "dfad"}

@@ -20,7 +20,8 @@ from ..models import create_model
 from ..options import option
 from ..runtime import grad_scaler
 from .losses import BatchNormStatistics, class_balance_loss, require_batchnorm, student_logit_loss
-from .method import GENERATOR_FORMAT, DistillMethod, Setup, adam, generator_kwargs, register_method, scaled_step, sgd
+from .method import (GENERATOR_FORMAT, DistillMethod, Setup, adam, generator_kwargs, register_method, scaled_step,
+                     student_optimizer)
 from .schedule import SCHEDULES, epoch_progress, lr_factor, set_lr
 
 
@@ -85,6 +86,78 @@ class ReplayMemory:
         self.count = state["count"]
 
 
+class AdversarialGenerator:
+    """DFAD's generator and its step: images where the student departs from the teacher (the adversarial term, its
+    gradient flowing through both networks), kept near the teacher's data by the remedies' terms (BN statistics, class
+    balance). The dfad method trains the student on its images alone; the image prior can mix them in."""
+
+    def __init__(self, setup: Setup, nz: int, ngf: int, lr: float, student_loss, adversarial: float, bn_stats: float,
+                 class_balance: float, batch_size: int):
+        self.setup, self.nz, self.batch_size = setup, nz, batch_size
+        self.weights = {"adversarial": adversarial, "bn_stats": bn_stats, "class_balance": class_balance}
+        self.kwargs = generator_kwargs(setup, nz, ngf)
+        self.generator = create_model("generator_a", **self.kwargs).to(setup.device)
+        if setup.channels_last:
+            self.generator.to(memory_format=torch.channels_last)
+        self.forward = data_parallel(self.generator, setup.device)
+        if bn_stats > 0:
+            require_batchnorm(setup.teacher, "bn_stats")
+        self.bn_statistics = BatchNormStatistics(setup.teacher) if bn_stats > 0 else None
+        self.student_loss = student_loss
+        self.optimizer = adam(self.generator.parameters(), lr, (0.9, 0.999), setup.device)
+        self.scaler = grad_scaler(setup.device, setup.amp_dtype)
+
+    def synthesize(self, batch_size: int) -> torch.Tensor:
+        z = torch.randn(batch_size, self.nz, device=self.setup.device)
+        return self.setup.to_memory_format(self.forward(z))
+
+    def step(self) -> dict[str, torch.Tensor]:
+        setup, weights = self.setup, self.weights
+        self.generator.train()
+        zero = torch.zeros((), device=setup.device)
+        with setup.autocast(), setup.frozen(setup.student):
+            images = self.synthesize(self.batch_size)
+            teacher_logits, bn_loss = setup.teacher_logits_and_bn_loss(images, self.bn_statistics)
+            # The generator maximises the student-teacher discrepancy; the gradient flows through both networks.
+            adversarial = -self.student_loss(setup.student_forward(images).float(), teacher_logits)
+            balance = class_balance_loss(teacher_logits) if weights["class_balance"] > 0 else zero
+            loss = (weights["adversarial"] * adversarial + weights["bn_stats"] * bn_loss
+                    + weights["class_balance"] * balance)
+        scaled_step(loss, self.optimizer, self.scaler)
+        return {"loss_generator": loss.detach(), "loss_adversarial": adversarial.detach(),
+                "loss_bn_stats": bn_loss.detach(), "loss_class_balance": balance.detach()}
+
+    @torch.no_grad()
+    def generate(self, count: int, seed: int, with_teacher: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """From a copy of the generator (batch statistics, as in training) for fixed latents, so figures are comparable
+        across epochs and sampling disturbs neither the generator nor the RNG."""
+        generator = copy.deepcopy(self.generator).train()
+        latent_rng = torch.Generator(device="cpu").manual_seed(seed)
+        images, logits = [], []
+        for start in range(0, count, self.batch_size):
+            size = min(self.batch_size, count - start)
+            z = torch.randn(size, self.nz, generator=latent_rng).to(self.setup.device)
+            with self.setup.autocast():
+                batch = generator(z).float()
+                if with_teacher:
+                    logits.append(self.setup.teacher_logits(batch))
+            images.append(batch)
+        return torch.cat(images), (torch.cat(logits) if with_teacher else None)
+
+    def artifact(self) -> dict:
+        return {"format": GENERATOR_FORMAT, "arch": "generator_a", "arch_kwargs": self.kwargs,
+                "state_dict": {k: v.detach().cpu() for k, v in self.generator.state_dict().items()}, "output": "normalised"}
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.state_dict(), "optimizer_g": self.optimizer.state_dict(),
+                "scaler_g": self.scaler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.load_state_dict(state["generator"])
+        self.optimizer.load_state_dict(state["optimizer_g"])
+        self.scaler.load_state_dict(state["scaler_g"])
+
+
 @register_method
 class DfadMethod(DistillMethod):
     name = "dfad"
@@ -92,20 +165,12 @@ class DfadMethod(DistillMethod):
 
     def __init__(self, setup: Setup, options: DfadOptions):
         super().__init__(setup, options)
-        self.generator_kwargs = generator_kwargs(setup, options.nz, options.ngf)
-        self.generator = create_model("generator_a", **self.generator_kwargs).to(setup.device)
-        if setup.channels_last:
-            self.generator.to(memory_format=torch.channels_last)
-        self.generator_forward = data_parallel(self.generator, setup.device)
-        if options.bn_stats > 0:
-            require_batchnorm(setup.teacher, "bn_stats")
-        self.bn_statistics = BatchNormStatistics(setup.teacher) if options.bn_stats > 0 else None
         self.student_loss = student_logit_loss(options.student_loss, options.temperature)
-        self.optimizer_s = sgd(setup.student.parameters(), options.lr_student, options.momentum, options.weight_decay,
-                               setup.device)
-        self.optimizer_g = adam(self.generator.parameters(), options.lr_generator, (0.9, 0.999), setup.device)
-        self.scaler_s = grad_scaler(setup.device, setup.amp_dtype)
-        self.scaler_g = grad_scaler(setup.device, setup.amp_dtype)
+        self.adversary = AdversarialGenerator(setup, options.nz, options.ngf, options.lr_generator, self.student_loss,
+                                              options.adversarial, options.bn_stats, options.class_balance,
+                                              options.batch_size)
+        self.generator = self.adversary.generator
+        self.optimizer_s, self.scaler_s = student_optimizer(setup, options)
         self.replay = ReplayMemory(options.replay_size)
 
     def _set_learning_rates(self, progress: float) -> None:
@@ -113,21 +178,18 @@ class DfadMethod(DistillMethod):
         factor = lr_factor(options.scheduler, epoch_progress(progress, self.setup.epochs), self.setup.epochs,
                            options.milestones, options.step_size, options.gamma)
         set_lr(self.optimizer_s, options.lr_student * factor)
-        set_lr(self.optimizer_g, options.lr_generator * factor)
+        set_lr(self.adversary.optimizer, options.lr_generator * factor)
 
     def learning_rates(self) -> dict[str, float]:
-        return {"lr_student": self.optimizer_s.param_groups[0]["lr"], "lr_generator": self.optimizer_g.param_groups[0]["lr"]}
-
-    def _synthesize(self, batch_size: int) -> torch.Tensor:
-        z = torch.randn(batch_size, self.options.nz, device=self.setup.device)
-        return self.setup.to_memory_format(self.generator_forward(z))
+        return {"lr_student": self.optimizer_s.param_groups[0]["lr"],
+                "lr_generator": self.adversary.optimizer.param_groups[0]["lr"]}
 
     def student_step(self) -> torch.Tensor:
         options, setup = self.options, self.setup
         replay_count = int(options.batch_size * options.replay_fraction) if options.replay_size else 0
         fresh_count = options.batch_size - replay_count if self.replay.count >= replay_count > 0 else options.batch_size
         with torch.no_grad(), setup.autocast():
-            fresh = self._synthesize(fresh_count).float()
+            fresh = self.adversary.synthesize(fresh_count).float()
         replayed = self.replay.sample(replay_count) if replay_count and fresh_count < options.batch_size else None
         self.replay.add(fresh)
         images = fresh if replayed is None else torch.cat([fresh, replayed])
@@ -138,66 +200,31 @@ class DfadMethod(DistillMethod):
         scaled_step(loss, self.optimizer_s, self.scaler_s)
         return loss.detach()
 
-    def generator_step(self) -> dict[str, torch.Tensor]:
-        options, setup = self.options, self.setup
-        zero = torch.zeros((), device=setup.device)
-        with setup.autocast(), setup.frozen(setup.student):
-            images = self._synthesize(options.batch_size)
-            teacher_logits, bn_loss = setup.teacher_logits_and_bn_loss(images, self.bn_statistics)
-            # The generator maximises the student-teacher discrepancy; the gradient flows through both networks.
-            adversarial = -self.student_loss(setup.student_forward(images).float(), teacher_logits)
-            balance = class_balance_loss(teacher_logits) if options.class_balance > 0 else zero
-            loss = options.adversarial * adversarial + options.bn_stats * bn_loss + options.class_balance * balance
-        scaled_step(loss, self.optimizer_g, self.scaler_g)
-        return {"loss_generator": loss.detach(), "loss_adversarial": adversarial.detach(),
-                "loss_bn_stats": bn_loss.detach(), "loss_class_balance": balance.detach()}
-
     def iteration(self, progress: float) -> dict[str, torch.Tensor]:
         self._set_learning_rates(progress)
         self.setup.student.train()
         self.generator.train()
         student_losses = [self.student_step() for _ in range(self.options.student_steps)]
-        terms = self.generator_step()
+        terms = self.adversary.step()
         terms["loss_student"] = torch.stack(student_losses).mean()
         terms["images"] = (self.options.student_steps + 1) * self.options.batch_size
         return terms
 
-    @torch.no_grad()
-    def _generate(self, count: int, seed: int, with_teacher: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """From a copy of the generator (batch statistics, as in training) for fixed latents, so figures are comparable
-        across epochs and sampling disturbs neither the generator nor the RNG."""
-        generator = copy.deepcopy(self.generator).train()
-        latent_rng = torch.Generator(device="cpu").manual_seed(seed)
-        images, logits = [], []
-        for start in range(0, count, self.options.batch_size):
-            size = min(self.options.batch_size, count - start)
-            z = torch.randn(size, self.options.nz, generator=latent_rng).to(self.setup.device)
-            with self.setup.autocast():
-                batch = generator(z).float()
-                if with_teacher:
-                    logits.append(self.setup.teacher_logits(batch))
-            images.append(batch)
-        return torch.cat(images), (torch.cat(logits) if with_teacher else None)
-
     def synthetic_batch(self, count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._generate(count, seed, with_teacher=True)
+        return self.adversary.generate(count, seed, with_teacher=True)
 
     def calibration_images(self, count: int, seed: int) -> torch.Tensor:
-        return self._generate(count, seed, with_teacher=False)[0]
+        return self.adversary.generate(count, seed, with_teacher=False)[0]
 
     def generator_artifact(self) -> dict:
-        return {"format": GENERATOR_FORMAT, "arch": "generator_a", "arch_kwargs": self.generator_kwargs,
-                "state_dict": {k: v.detach().cpu() for k, v in self.generator.state_dict().items()}, "output": "normalised"}
+        return self.adversary.artifact()
 
     def state_dict(self) -> dict:
-        return {"generator": self.generator.state_dict(), "optimizer_s": self.optimizer_s.state_dict(),
-                "optimizer_g": self.optimizer_g.state_dict(), "scaler_s": self.scaler_s.state_dict(),
-                "scaler_g": self.scaler_g.state_dict(), "replay": self.replay.state()}
+        return {**self.adversary.state_dict(), "optimizer_s": self.optimizer_s.state_dict(),
+                "scaler_s": self.scaler_s.state_dict(), "replay": self.replay.state()}
 
     def load_state_dict(self, state: dict, out: Path) -> None:
-        self.generator.load_state_dict(state["generator"])
+        self.adversary.load_state_dict(state)
         self.optimizer_s.load_state_dict(state["optimizer_s"])
-        self.optimizer_g.load_state_dict(state["optimizer_g"])
         self.scaler_s.load_state_dict(state["scaler_s"])
-        self.scaler_g.load_state_dict(state["scaler_g"])
         self.replay.load(state["replay"], self.setup.device)

@@ -29,6 +29,7 @@ from torch.utils._pytree import tree_map
 from .. import __version__
 from ..checkpoint import InputSpec, load_checkpoint, model_checkpoint, safe_torch_load
 from ..data import check_compatible, make_loader, resolve_source
+from ..data.unlabeled import refuse_evaluation_images
 from ..distributed import (broadcast_from_main, data_parallel, gather_to_main, host_floats_summed, is_distributed,
                            is_main, mean_over_ranks, on_main_only, rank, rank_device, refuse_another_world_size,
                            split_across_ranks, world_size)
@@ -134,9 +135,19 @@ class DistillRun:
         self.student_spec = self._student_spec()
         self.setup = self._build_setup()
         self.method: DistillMethod = method_class(config.method)(self.setup, method_options)
+        self._refuse_evaluation_sources()
         if is_distributed():
             # Every rank built the same networks from the run's seed (DDP requires it); each now draws its own numbers.
             seed_everything(self.rank_seeds()[rank()])
+
+    def _refuse_evaluation_sources(self) -> None:
+        """Images the method learns from must not be the test set it is evaluated on."""
+        records = self.method.provenance().get("source_images")
+        if not records or self.eval_source is None:
+            return
+        evaluation = self.eval_source.dataset("test")
+        files = [path for path, _label in getattr(evaluation, "samples", [])]
+        refuse_evaluation_images(records, files, self.eval_data)
 
     def rank_seeds(self) -> list[int]:
         return [self.config.seed + index for index in range(world_size())]
@@ -214,7 +225,9 @@ class DistillRun:
                          method=self.config.method, preset=self.config.preset).save(self.out / "student.pt")
         common = {"input_spec": vars(self.student_spec), "teacher": str(self.teacher_path), "epoch": epoch,
                   "dfad_edge_version": __version__}
-        atomic_torch_save({**self.method.generator_artifact(), **common}, self.out / "generator.pt")
+        generator = self.method.generator_artifact()
+        if generator is not None:
+            atomic_torch_save({**generator, **common}, self.out / "generator.pt")
         atomic_torch_save({"format": SYNTHETIC_FORMAT, "images": calibration_images.detach().cpu().half(),
                            "method": self.config.method,
                            **common}, self.out / "synthetic.pt")
@@ -312,7 +325,7 @@ class DistillRun:
                          "cpu_bf16_instructions": cpu_bf16_instructions() if self.device.type == "cpu" else None,
                          "student_input": list(self.student_spec.shape), "dfad_edge_version": __version__,
                          "world_size": world_size(), "rank_seeds": self.rank_seeds(),
-                         "inference_teacher": self.inference_teacher}})
+                         "inference_teacher": self.inference_teacher, **self.method.provenance()}})
 
     def _run(self) -> dict:
         config = self.config
@@ -444,8 +457,10 @@ class DistillRun:
         metrics = [json.loads(line) for line in (self.out / "metrics.jsonl").read_text().splitlines() if line.strip()]
         evaluated = [m for m in metrics if m.get("accuracy")]
         shipped = metrics[-1] if metrics else {}
-        result = {"student": str(self.out / "student.pt"), "generator": str(self.out / "generator.pt"),
+        generator = self.out / "generator.pt"
+        result = {"student": str(self.out / "student.pt"), "generator": str(generator) if generator.exists() else None,
                   "synthetic": str(self.out / "synthetic.pt"), "method": self.config.method, "preset": self.config.preset,
+                  **self.method.provenance(),
                   "epochs_run": epochs_run, "epochs": self.config.epochs,
                   "shipped": {"epoch": shipped.get("epoch"), "selection": "the last epoch (no labels are used to choose)",
                               "test_accuracy": shipped.get("accuracy")},

@@ -19,11 +19,15 @@ import torch.nn.functional as F
 
 from ..checkpoint import InputSpec
 from ..errors import DfadError
-from ..runtime import autocast
+from ..runtime import autocast, grad_scaler
 from .losses import BatchNormStatistics
 
-# generator.pt, as every method writes it: the trained generator, to synthesise more images later.
+# generator.pt, as every method with a generator writes it: the trained generator, to synthesise more images later.
 GENERATOR_FORMAT = "dfad-edge-generator/1"
+# A teacher counts as flip-invariant (natural images) when flipping a batch of its training images' stand-ins keeps this
+# share of its top-1 predictions; digits and text are not (a mirrored 3 is no 3), and flipping them would teach the
+# student wrong labels.
+FLIP_AGREEMENT = 0.8
 
 
 @dataclass
@@ -72,6 +76,16 @@ class Setup:
             return self.teacher_forward(images).float()
         with self.autocast():  # the folded copy keeps its weights in the autocast type
             return self.folded_teacher_forward(images).float()
+
+    @torch.no_grad()
+    def flip_agreement(self, images: torch.Tensor) -> float:
+        """The share of images whose teacher top-1 survives a horizontal flip, over every rank's images."""
+        from ..distributed import mean_over_ranks
+
+        with self.autocast():
+            straight = self.teacher_logits(images).argmax(1)
+            mirrored = self.teacher_logits(images.flip(-1)).argmax(1)
+        return float(mean_over_ranks((straight == mirrored).float().mean()))
 
     def teacher_logits_and_bn_loss(self, images: torch.Tensor,
                                    bn_statistics: BatchNormStatistics | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,8 +137,14 @@ class DistillMethod(ABC):
         """Write large state incrementally (e.g. the synthetic pool) before last.pt names it."""
 
     @abstractmethod
-    def generator_artifact(self) -> dict:
-        """What generator.pt holds: the trained generator, for users who want more synthetic images."""
+    def generator_artifact(self) -> dict | None:
+        """What generator.pt holds: the trained generator, for users who want more synthetic images (None: the
+        method has no generator, and the run folder no generator.pt)."""
+
+    def provenance(self) -> dict:
+        """What the student was taught from, beyond the teacher (e.g. source images with their hashes), for
+        config.json and result.json."""
+        return {}
 
     @abstractmethod
     def calibration_images(self, count: int, seed: int) -> torch.Tensor:
@@ -149,6 +169,12 @@ def sgd(parameters, lr: float, momentum: float, weight_decay: float, device: tor
     """SGD with the multi-tensor (foreach) update on CUDA: one kernel launch per parameter group, not per tensor."""
     return torch.optim.SGD(parameters, lr=lr, momentum=momentum, weight_decay=weight_decay,
                            foreach=device.type == "cuda")
+
+
+def student_optimizer(setup: Setup, options) -> tuple[torch.optim.SGD, torch.amp.GradScaler]:
+    """The student's SGD (every method's options carry lr_student, momentum and weight_decay) and its loss scaler."""
+    optimizer = sgd(setup.student.parameters(), options.lr_student, options.momentum, options.weight_decay, setup.device)
+    return optimizer, grad_scaler(setup.device, setup.amp_dtype)
 
 
 def adam(parameters, lr: float, betas: tuple[float, float], device: torch.device) -> torch.optim.Adam:

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ..distributed import average_gradients, mean_over_ranks, rank, rank_local_leaf, sync_batchnorm
+from ..distributed import average_gradients, rank, rank_local_leaf, sync_batchnorm
 from ..errors import DfadError
 from ..models import create_model
 from ..models.generator import PixelGenerator
@@ -32,13 +32,10 @@ from ..runtime import grad_scaler
 from .augment import horizontal_flip_half, random_shift_flip
 from .losses import (BatchNormStatistics, agreement_masked_adversarial, class_balance_loss, require_batchnorm,
                      student_logit_loss)
-from .method import GENERATOR_FORMAT, DistillMethod, Setup, adam, generator_kwargs, register_method, scaled_step, sgd
+from .method import (FLIP_AGREEMENT, GENERATOR_FORMAT, DistillMethod, Setup, adam, generator_kwargs, register_method,
+                     scaled_step, student_optimizer)
 from .schedule import lr_factor, set_lr
 from .synthetic_pool import SyntheticPool
-
-# A teacher counts as flip-invariant (natural images) when flipping a synthetic batch keeps this share of its top-1
-# predictions; digits and text are not (a mirrored 3 is no 3), and flipping them would teach the student wrong labels.
-FLIP_AGREEMENT = 0.8
 
 
 @dataclass
@@ -166,9 +163,7 @@ class PoolMethod(DistillMethod):
         self.bn_statistics = (BatchNormStatistics(setup.teacher, options.bn_momentum, options.bn_reduction)
                               if options.bn_stats > 0 else None)
         self.student_loss = student_logit_loss(options.student_loss, options.temperature)
-        self.optimizer_s = sgd(setup.student.parameters(), options.lr_student, options.momentum, options.weight_decay,
-                               setup.device)
-        self.scaler_s = grad_scaler(setup.device, setup.amp_dtype)
+        self.optimizer_s, self.scaler_s = student_optimizer(setup, options)
         self.scaler_g = grad_scaler(setup.device, setup.amp_dtype)
         self.pool = SyntheticPool(options.pool_size, setup.student_spec.shape, setup.num_classes, setup.device)
         self.flip_allowed: bool | None = {"on": True, "off": False}.get(options.flip)
@@ -267,11 +262,7 @@ class PoolMethod(DistillMethod):
     def _decide_flip(self) -> None:
         """Mirror in augmentation only if the teacher is (nearly) flip-invariant on its own synthetic images, judged
         once, on the newest pool images when the student starts (early images are too rough to tell)."""
-        images = self.pool.images(self.pool.newest(512))
-        with self.setup.autocast():
-            straight = self.setup.teacher_logits(images).argmax(1)
-            mirrored = self.setup.teacher_logits(images.flip(-1)).argmax(1)
-        self.flip_agreement = float(mean_over_ranks((straight == mirrored).float().mean()))
+        self.flip_agreement = self.setup.flip_agreement(self.pool.images(self.pool.newest(512)))
         self.flip_allowed = self.flip_agreement >= FLIP_AGREEMENT
 
     # --- student -------------------------------------------------------------------------------------------------
