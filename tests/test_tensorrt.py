@@ -44,6 +44,7 @@ class FakeTensorRT:
         self.NetworkDefinitionCreationFlag = types.SimpleNamespace(EXPLICIT_BATCH=0, **({"STRONGLY_TYPED": 1} if strongly_typed else {}))
         self.MemoryPoolType = types.SimpleNamespace(WORKSPACE="workspace")
         self.io_type, self.parse_ok, self.cache_ok = getattr(DataType, io_type), parse_ok, cache_ok
+        self.failing: set[str] = set()  # execution-context calls that return False, as TensorRT's do on failure
         fake = self
 
         class Logger:
@@ -63,6 +64,9 @@ class FakeTensorRT:
         fake = self
 
         class Cache:
+            def __init__(self, data):
+                self.data = data
+
             def serialize(self):
                 return b"timing-cache"
 
@@ -72,14 +76,20 @@ class FakeTensorRT:
 
             def create_timing_cache(self, data):
                 fake.calls.append(("create_timing_cache", data))
-                return Cache()
+                return Cache(data)
 
             def set_timing_cache(self, cache, ignore_mismatch):
                 fake.calls.append(("set_timing_cache", ignore_mismatch))
-                return fake.cache_ok
+                return fake.cache_ok or cache.data == b""  # cache_ok=False: a stored cache does not match
 
             def add_optimization_profile(self, profile):
+                """The profile's index, or -1 when its shapes are invalid (TensorRT returns, it does not raise)."""
                 fake.calls.append(("add_profile", profile.shapes))
+                _, smallest, optimal, largest = profile.shapes
+                if not smallest[0] <= optimal[0] <= largest[0]:
+                    return -1
+                self.profiles = getattr(self, "profiles", 0) + 1
+                return self.profiles - 1
 
             def set_flag(self, flag):
                 fake.calls.append(("set_flag", flag))
@@ -128,17 +138,22 @@ class FakeTensorRT:
         profiles = [(1, 1, 8), (1, 8, 8)]  # what build_engine makes for batch sizes 1 and 8, max 8
 
         class Context:
+            """Like TensorRT's IExecutionContext, a call that cannot be done returns False and changes nothing."""
+
             def __init__(self, engine):
                 self.engine, self.profile, self.shape, self.addresses = engine, 0, None, {}
 
             def set_optimization_profile_async(self, index, stream):
                 fake.calls.append(("profile", index, stream))
+                if "set_optimization_profile_async" in fake.failing or not 0 <= index < len(profiles):
+                    return False
                 self.profile = index
                 return True
 
             def set_input_shape(self, name, shape):
                 smallest, _, largest = profiles[self.profile]
-                assert smallest <= shape[0] <= largest, f"batch {shape[0]} is outside the active profile"
+                if "set_input_shape" in fake.failing or not smallest <= shape[0] <= largest:
+                    return False  # e.g. a batch outside the active profile
                 self.shape = tuple(shape)
                 return True
 
@@ -146,12 +161,16 @@ class FakeTensorRT:
                 return (self.shape[0], 10)
 
             def set_tensor_address(self, name, address):
+                if "set_tensor_address" in fake.failing or name not in ("images", "logits"):
+                    return False
                 self.addresses[name] = address
                 return True
 
             def execute_async_v3(self, stream):
                 """Reads the input and writes the output at the bound addresses, as the engine's types say."""
                 assert self.engine.runtime() is not None, "engine used after its Runtime was freed"
+                if "execute_async_v3" in fake.failing:
+                    return False  # nothing written: the output buffer keeps whatever it held
                 fake.calls.append(("execute", stream, profiles[self.profile][1], self.shape[0]))
                 images, logits = (fake.memory_at(self.addresses[name]) for name in ("images", "logits"))
                 torch_type = getattr(torch, fake.io_type)
@@ -407,6 +426,27 @@ def test_runner_uses_its_own_stream_and_the_profile_tuned_for_each_batch(tmp_pat
     assert backend.max_batch == 8
     assert backend.device_compute_ms(np.zeros((8, 1, 8, 8), np.float32), iterations=3, warmup=1) == [1.0] * 3
     assert {call[1] for call in fake_trt.calls if call[0] == "execute"} == {own_stream}
+
+
+@pytest.mark.parametrize("call", ["set_optimization_profile_async", "set_input_shape", "set_tensor_address",
+                                  "execute_async_v3"])
+def test_a_tensorrt_call_that_returns_false_stops_the_run_with_its_name(tmp_path, fake_trt, monkeypatch, call):
+    backend = _backend(tmp_path, fake_trt, monkeypatch)
+    images = np.ones((8, 1, 8, 8), np.float32)
+    fake_trt.failing.add(call)
+    # Batch 8 switches from the default profile 0 to profile 1, so every call of the binding runs.
+    with pytest.raises(DfadError, match=f"TensorRT {call}.*failed on model.fp32.engine"):
+        backend.predict(images)
+    with pytest.raises(DfadError, match=f"TensorRT {call}"):
+        backend.device_compute_ms(images, iterations=2, warmup=1)
+    fake_trt.failing.clear()
+    np.testing.assert_allclose(backend.predict(images), np.full((8, 10), 2.0))
+
+
+def test_an_invalid_optimisation_profile_is_refused_by_name(tmp_path, fake_cuda):
+    (tmp_path / "model.onnx").write_bytes(b"onnx")
+    with pytest.raises(DfadError, match="refused the optimisation profile min/opt/max batch 1/16/8"):
+        build_engine(tmp_path / "model.onnx", tmp_path / "m.engine", "fp32", [(1, 16, 8)], trt=FakeTensorRT(), gpu=ORIN)
 
 
 def test_bound_buffers_stay_alive_while_tensorrt_may_write_to_them(tmp_path, fake_trt, monkeypatch):

@@ -205,17 +205,24 @@ class TensorRTBackend(InferenceBackend):
                             f"(profiles {self.profiles}); rebuild with dfad-edge build-engines --max-batch")
         return min(serving, key=lambda i: abs(self.profiles[i][1] - batch_size))
 
+    def _call(self, call: str, *args, what: str = "") -> None:
+        """One execution-context call, checked: TensorRT's Python API reports these failures by returning False, not
+        by raising, and logits read after an unchecked failure are whatever the output buffer held."""
+        if not getattr(self.trt_engine.context, call)(*args):
+            raise DfadError(f"TensorRT {call}({what}) failed on {self.artifact.name} (see the TensorRT log above); "
+                            "no output of it was used")
+
     def _bind(self, device_input: torch.Tensor) -> torch.Tensor:
         profile = self.profile_for(device_input.shape[0])
-        context = self.trt_engine.context
         if profile != self.active_profile:
-            context.set_optimization_profile_async(profile, self.stream.cuda_stream)
+            self._call("set_optimization_profile_async", profile, self.stream.cuda_stream, what=f"profile {profile}")
             self.active_profile = profile
-        context.set_input_shape(self.input_name, tuple(device_input.shape))
-        output = torch.empty(tuple(context.get_tensor_shape(self.output_name)), dtype=self.output_dtype,
+        shape = tuple(device_input.shape)
+        self._call("set_input_shape", self.input_name, shape, what=f"{self.input_name}, {shape}")
+        output = torch.empty(tuple(self.trt_engine.context.get_tensor_shape(self.output_name)), dtype=self.output_dtype,
                              device=self.torch_device)
-        context.set_tensor_address(self.input_name, device_input.data_ptr())
-        context.set_tensor_address(self.output_name, output.data_ptr())
+        self._call("set_tensor_address", self.input_name, device_input.data_ptr(), what=self.input_name)
+        self._call("set_tensor_address", self.output_name, output.data_ptr(), what=self.output_name)
         self.bound = (device_input, output)
         return output
 
@@ -226,12 +233,12 @@ class TensorRTBackend(InferenceBackend):
         # Copies, execution and the copy back are all enqueued on the engine's stream, in that order.
         with torch.cuda.device(self.torch_device), torch.cuda.stream(self.stream):
             output = self._bind(self._device_input(images))
-            self.trt_engine.context.execute_async_v3(self.stream.cuda_stream)
+            self._call("execute_async_v3", self.stream.cuda_stream)
             logits = output.float().cpu()
         return logits.numpy()
 
     def device_compute_ms(self, images, iterations, warmup):
         with torch.cuda.device(self.torch_device), torch.cuda.stream(self.stream):
             self._bind(self._device_input(images))
-            return _cuda_event_times(lambda: self.trt_engine.context.execute_async_v3(self.stream.cuda_stream),
+            return _cuda_event_times(lambda: self._call("execute_async_v3", self.stream.cuda_stream),
                                      iterations, warmup, self.stream)

@@ -82,7 +82,9 @@ def _load_timing_cache(config, cache_path: Path):
         log(f"[yellow]note: TensorRT refused {cache_path.name} (it does not match this GPU and TensorRT); "
             "building without it[/]")
         cache = config.create_timing_cache(b"")
-        config.set_timing_cache(cache, False)
+        if not config.set_timing_cache(cache, False):
+            raise DfadError("TensorRT refused even an empty timing cache (IBuilderConfig.set_timing_cache returned "
+                            "False): this TensorRT installation is broken; run dfad-edge doctor")
     return cache
 
 
@@ -127,7 +129,10 @@ def build_engine(onnx_path: Path, engine_path: Path, precision: str, profiles: l
             profile = builder.create_optimization_profile()
             profile.set_shape(input_tensor.name, (smallest, *sample_shape), (optimal, *sample_shape),
                               (largest, *sample_shape))
-            config.add_optimization_profile(profile)
+            # Returns the profile's index, or -1 (no exception) when TensorRT finds the shapes invalid.
+            if config.add_optimization_profile(profile) < 0:
+                raise DfadError(f"TensorRT refused the optimisation profile min/opt/max batch {smallest}/{optimal}/"
+                                f"{largest} for {onnx_path.name} (add_optimization_profile returned -1)")
         serialized = builder.build_serialized_network(network, config)
         del parser
     if serialized is None:
