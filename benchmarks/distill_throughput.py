@@ -193,7 +193,8 @@ def main() -> None:
     env = collect_environment()
     machine = env["gpu"]["name"] if env["gpu"] else env["cpu"]
     result = {"teacher": str(args.teacher or args.teacher_arch), "student": args.student, "batch_size": args.batch_size,
-              "device": str(device), "amp_default": str(runs["dfad-edge default"].amp_dtype), "rounds": args.rounds,
+              "device": str(device), "amp_default": str(runs["dfad-edge default"].amp_dtype),
+              "amp_choice": runs["dfad-edge default"].amp_choice, "rounds": args.rounds,
               "iterations_per_round": args.iterations, "loops": results, "phases_ms_per_call": phases,
               "cpu_bf16_instructions": cpu_bf16_instructions(), "cpu_flags": cpu_flags(), "env": env}
     print(f"{result['teacher']} -> {args.student}, batch {args.batch_size}, {machine} ({result['device']}); "

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import gc
 import os
+import sys
+import threading
 import traceback
 from contextlib import ExitStack, contextmanager
 from dataclasses import fields, replace
@@ -38,6 +40,12 @@ TORCHRUN_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER
 # Rank 0 alone evaluates on the test set and writes the run folder while the other ranks wait at their next collective;
 # NCCL's default wait (10 minutes) can be shorter than a large test set's evaluation.
 COLLECTIVE_TIMEOUT = timedelta(minutes=30)
+# Where a failing rank leaves its message in torchrun's key-value store, and how often the other ranks look.
+FAILURE_KEY = "dfad_edge/failed_rank"
+FAILURE_POLL_S = 0.5
+# A rank that sees another's failure gives its own main thread this long to fail too (a failure every rank decided
+# together, e.g. a NaN loss, ends each rank by itself) before it stops the process.
+FAILURE_GRACE_S = 5.0
 
 
 def launched_by_torchrun() -> bool:
@@ -80,19 +88,81 @@ def torchrun_process_group(device_name: str) -> Iterator[None]:
         dist.init_process_group("nccl", timeout=COLLECTIVE_TIMEOUT, device_id=device)
     else:
         dist.init_process_group("gloo", timeout=COLLECTIVE_TIMEOUT)
+    watch = FailureWatch()
     try:
         yield
     except BaseException as error:
         # The traceback's finished frames hold the run (and its DDP wrappers, which hold the process group): let go
         # of their locals so the collection below can free them.
         traceback.clear_frames(error.__traceback__)
+        if watch.seen is not None:  # this rank's collective broke because another rank failed: say why
+            raise DfadError(f"{watch.seen}; rank {rank()} stopped too") from None
+        if not isinstance(error, (KeyboardInterrupt, SystemExit)) and not getattr(error, "every_rank_stops", False):
+            watch.report(error)
         raise
     finally:
+        watch.stop()
         dist.destroy_process_group()
         # Whatever still holds the process group (a finished run's DDP wrappers, often in reference cycles) would
         # otherwise be freed during interpreter shutdown, where gloo's threads abort the process ("terminate called
         # without an active exception"); collected now, the group shuts down while the interpreter is whole.
         gc.collect()
+
+
+class FailureWatch:
+    """A rank that fails (out of memory, disk full, a bad image) leaves its message in torchrun's store; every other
+    rank, which may be blocked in a collective waiting for it (up to COLLECTIVE_TIMEOUT, and forever for a NCCL
+    peer that died), sees it within a second and stops with that message: by its own error if the collective breaks
+    (gloo does when the peer leaves), else by printing it and ending its process. Stops every rank decides together
+    (a signal, a NaN loss) raise on each rank by itself and are not reported here."""
+
+    def __init__(self):
+        # The default group's store: the one torchrun's rendezvous made (private in PyTorch, stable since 1.x).
+        self.store = dist.distributed_c10d._get_default_store()
+        self.leaving = threading.Event()
+        self.seen: str | None = None  # another rank's failure, once seen
+        threading.Thread(target=self._watch, name="dfad-edge-failure-watch", daemon=True).start()
+
+    def report(self, error: BaseException) -> None:
+        message = error.user_message() if isinstance(error, DfadError) else f"{type(error).__name__}: {error}"
+        try:
+            self.store.set(FAILURE_KEY, f"rank {rank()} failed: {message}")
+        except Exception:  # noqa: BLE001 - the store's host may be the rank that died; the error still propagates
+            return
+        # Leaving closes this rank's connections, which breaks the others' collectives: let them read why first.
+        self.leaving.wait(2 * FAILURE_POLL_S)
+
+    def stop(self) -> None:
+        self.leaving.set()
+
+    def _watch(self) -> None:
+        while not self.leaving.wait(FAILURE_POLL_S):
+            try:
+                if not self.store.check([FAILURE_KEY]):
+                    continue
+                message = self.store.get(FAILURE_KEY).decode()
+            except Exception:  # noqa: BLE001 - rank 0 hosts the store: gone, its own error speaks for the run
+                return
+            if message.startswith(f"rank {rank()} "):
+                return
+            self.seen = message
+            if self.leaving.wait(FAILURE_GRACE_S):
+                return  # this rank's main thread ended by itself
+            print(f"error: {message}; rank {rank()} stopped too", file=sys.stderr, flush=True)
+            os._exit(1)  # the main thread is blocked in a collective that would wait for the failed rank
+
+
+@contextmanager
+def main_rank_first() -> Iterator[None]:
+    """Rank 0 runs the block before the others do (e.g. a download that the others then find on disk)."""
+    if not spans_ranks():
+        yield
+        return
+    if not is_main():
+        dist.barrier()
+    yield
+    if is_main():
+        dist.barrier()
 
 
 def rank_device(device: torch.device) -> torch.device:
@@ -233,7 +303,10 @@ def refuse_another_world_size(saved: int, path) -> None:
 class CpuSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     """PyTorch's SyncBatchNorm runs on GPUs only (DDP refuses it in a CPU module); this is the same normalisation for
     CPU tensors (the gloo backend): the per-channel sums of every rank added by a differentiable all-reduce, the
-    running statistics updated from the whole batch's (the variance unbiased with the whole batch's count)."""
+    running statistics updated from the whole batch's (the variance unbiased with the whole batch's count).
+
+    It is mixed into the layer's own class (see sync_batchnorm), so a layer that does more than normalise keeps doing
+    it: timm's BatchNormAct2d applies its ``drop`` and ``act`` after the normalisation, here too."""
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
         if input.dim() < 2:
@@ -241,7 +314,7 @@ class CpuSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if not (self.training and spans_ranks()):
-            return super().forward(input)
+            return super().forward(input)  # the layer's own class: nothing to synchronise
         values = input.float()
         dims = [0, *range(2, values.dim())]
         shape = (1, -1) + (1,) * (values.dim() - 2)
@@ -254,7 +327,11 @@ class CpuSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         normalised = centred * torch.rsqrt(variance + self.eps).view(shape)
         if self.affine:
             normalised = normalised * self.weight.view(shape) + self.bias.view(shape)
-        return normalised.to(input.dtype)
+        normalised = normalised.to(input.dtype)
+        for after in ("drop", "act"):  # timm's norm-act layers
+            if isinstance(getattr(self, after, None), nn.Module):
+                normalised = getattr(self, after)(normalised)
+        return normalised
 
     @torch.no_grad()
     def _update_running_statistics(self, mean: torch.Tensor, unbiased_variance: torch.Tensor) -> None:
@@ -264,15 +341,36 @@ class CpuSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         self.running_var.lerp_(unbiased_variance, factor)
 
 
+_CPU_SYNC_CLASSES: dict[type, type] = {}
+
+
+def _cpu_sync_class(layer_class: type) -> type:
+    """``layer_class`` with CpuSyncBatchNorm's forward in training across ranks, its own otherwise."""
+    if layer_class not in _CPU_SYNC_CLASSES:
+        _CPU_SYNC_CLASSES[layer_class] = type(f"CpuSync{layer_class.__name__}", (CpuSyncBatchNorm, layer_class), {})
+    return _CPU_SYNC_CLASSES[layer_class]
+
+
+def _has_timm_norm_act(module: nn.Module) -> bool:
+    return any(type(layer).__module__.startswith("timm.") and hasattr(layer, "act")
+               for layer in module.modules() if isinstance(layer, nn.modules.batchnorm._BatchNorm))
+
+
 def sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
-    """Every BatchNorm layer of ``module`` (in place) normalising with the whole batch's statistics across ranks."""
+    """Every BatchNorm layer of ``module`` (in place) normalising with the whole batch's statistics across ranks.
+    timm's BatchNormAct2d (BatchNorm, dropout and activation in one layer) keeps its activation: on CUDA through
+    timm's own conversion (PyTorch's would replace it by a plain SyncBatchNorm), on the CPU by the mixin above."""
     if not is_distributed():
         return module
     if device.type == "cuda":
+        if _has_timm_norm_act(module):
+            from timm.layers import convert_sync_batchnorm
+
+            return convert_sync_batchnorm(module)
         return nn.SyncBatchNorm.convert_sync_batchnorm(module)
     for layer in module.modules():
-        if isinstance(layer, nn.modules.batchnorm._BatchNorm):
-            layer.__class__ = CpuSyncBatchNorm  # the same state (weights, running statistics), another forward
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm) and not isinstance(layer, CpuSyncBatchNorm):
+            layer.__class__ = _cpu_sync_class(type(layer))  # the same state (weights, statistics), another forward
     return module
 
 

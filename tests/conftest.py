@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 os.environ.setdefault("DFAD_EDGE_QUIET", "1")
+# --amp auto's measurements are cached here, not in the user's ~/.cache; the runs of one session share the decisions.
+os.environ.setdefault("DFAD_EDGE_CACHE", tempfile.mkdtemp(prefix="dfad-edge-test-cache-"))
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("DFAD_EDGE_SHARED", REPO.parent / "shared"))
@@ -46,10 +49,13 @@ def distill_config(method: str = "pool", preset: str = "tiny", **changes):
     from dataclasses import replace
 
     from dfad_edge.distill import preset_config
+    from dfad_edge.distill.config import with_epochs
 
     config = preset_config(method, preset, kind="tiny")
-    options = replace(config.options, **changes.pop("options", {}))
-    return replace(config, device="cpu", options=options, **changes)
+    option_changes = changes.pop("options", {})
+    changed = replace(config, device="cpu", options=replace(config.options, **option_changes), **changes)
+    # As --set epochs=N does: the preset's milestones move with its epochs unless the test sets them.
+    return changed if "milestones" in option_changes else with_epochs(changed, changed.epochs, config.epochs)
 
 
 @pytest.fixture(scope="session")

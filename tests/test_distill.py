@@ -4,6 +4,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from conftest import distill_config, run_cli
 from dfad_edge.checkpoint import load_checkpoint, safe_torch_load
 from dfad_edge.distill import DistillRun, RunInterrupted, apply_overrides, preset_config
 from dfad_edge.distill.config import RUN_FACTS, DistillConfig
-from dfad_edge.distill.diagnostics import collapse_warning, mean_pairwise_distance, normalised_entropy
+from dfad_edge.distill.diagnostics import collapse_diagnostics, collapse_warning, mean_pairwise_distance, normalised_entropy
 from dfad_edge.distill.losses import class_balance_loss
 from dfad_edge.errors import DfadError
 from dfad_edge.evaluate import evaluate_checkpoint
@@ -122,9 +123,20 @@ def test_collapse_diagnostics_tell_collapse_from_health():
     same = torch.randn(1, 3, 8, 8).repeat(16, 1, 1, 1)
     assert mean_pairwise_distance(same) == pytest.approx(0.0, abs=1e-3)
     assert mean_pairwise_distance(torch.randn(16, 3, 8, 8)) == pytest.approx(2**0.5, rel=0.1)
-    collapsed = {"class_entropy": 0.1, "classes_predicted": 2, "image_diversity": 0.05}
+    collapsed = {"class_entropy": 0.1, "classes_predicted": 2, "image_diversity": 0.05, "class_histogram": [510, 2]}
     assert "mode collapse" in collapse_warning(collapsed, 10)
-    assert collapse_warning({"class_entropy": 0.95, "classes_predicted": 10, "image_diversity": 1.2}, 10) is None
+    healthy = {"class_entropy": 0.95, "classes_predicted": 10, "image_diversity": 1.2, "class_histogram": [51] * 10}
+    assert collapse_warning(healthy, 10) is None
+
+
+def test_a_balanced_generator_for_1000_classes_is_not_called_collapsed():
+    # 512 diagnostic images drawn evenly from 1000 classes hit about 400 of them: that is health, not collapse.
+    predictions = torch.randint(0, 1000, (512,), generator=torch.Generator().manual_seed(0))
+    uniform = collapse_diagnostics(torch.randn(512, 3, 8, 8), torch.nn.functional.one_hot(predictions, 1000).float(), 1000)
+    assert 380 <= uniform["classes_predicted"] <= 420 and collapse_warning(uniform, 1000) is None
+    # A generator stuck on 100 of the 1000 classes is.
+    stuck = collapse_diagnostics(torch.randn(512, 3, 8, 8), torch.nn.functional.one_hot(predictions % 100, 1000).float(), 1000)
+    assert "a balanced generator would hit ~401" in collapse_warning(stuck, 1000)
     one_class = torch.tensor([[10.0, 0, 0]] * 8)
     assert class_balance_loss(one_class) > class_balance_loss(torch.randn(8, 3) * 0.01)
 
@@ -282,17 +294,63 @@ def test_the_pool_is_saved_in_shards_beside_the_checkpoint_not_inside_it(tmp_pat
     DistillRun(_tiny(options={"pool_size": 5000}), digits_teacher, tmp_path / "run").run()
     state = safe_torch_load(tmp_path / "run" / "last.pt")
     per_iteration = 32 * (1 + _tiny().options.samples_per_step)  # each synthesised batch and its sampled ones
-    assert state["method"]["pool_count"] == 9 * per_iteration
+    assert state["method"]["pool"]["count"] == 9 * per_iteration
     assert not any(torch.is_tensor(value) and value.dtype == torch.uint8 for value in state["method"].values())
     shards = sorted((tmp_path / "run" / "pool").glob("shard_*.pt"))
-    assert [s.name for s in shards] == ["shard_00000.pt"]
-    before = shards[0].stat().st_mtime_ns
+    # The last save's file, which last.pt names, and the save before's (deleted by the next save, once no last.pt on
+    # disk can name it).
+    assert [s.name for s in shards] == ["shard_00000.000002.pt", "shard_00000.000003.pt"]
+    assert state["method"]["pool"]["files"] == {0: "shard_00000.000003.pt"}
+    before = shards[-1].stat().st_mtime_ns
     resumed = DistillRun(_tiny(options={"pool_size": 5000}), digits_teacher, tmp_path / "run", resume=True)
     resumed.method.load_state_dict(state["method"], tmp_path / "run")
     pool = resumed.method.pool
     assert pool.filled == 9 * per_iteration and pool.stored[:pool.filled].float().std() > 0
     pool.save(tmp_path / "run" / "pool")  # nothing changed since the last save: nothing is rewritten
-    assert shards[0].stat().st_mtime_ns == before
+    assert shards[-1].stat().st_mtime_ns == before
+
+
+class Killed(BaseException):
+    """A process killed at this point: no handler runs, nothing after it is written."""
+
+
+def _run_writes(monkeypatch, run: DistillRun, kill_at: int | None = None) -> list[str]:
+    """Run, recording every file written (atomically: the rename is the write); killed just before write ``kill_at``."""
+    from dfad_edge import io
+
+    real_replace, writes = os.replace, []
+
+    def replace_or_die(source, target):
+        if len(writes) == kill_at:
+            raise Killed(Path(target).name)
+        writes.append(Path(target).name)
+        real_replace(source, target)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(io.os, "replace", replace_or_die)
+        try:
+            run.run()
+        except Killed:
+            pass
+    return writes
+
+
+def test_a_kill_at_any_write_of_a_checkpoint_resumes_to_the_same_student(tmp_path, digits_teacher, monkeypatch):
+    # The pool method writes the most at an epoch's end: pool shards, student.pt, generator.pt, synthetic.pt, last.pt.
+    # Killed before any one of epoch 2's, the run resumes to the student an uninterrupted run ships.
+    writes = _run_writes(monkeypatch, DistillRun(_tiny("pool"), digits_teacher, tmp_path / "straight"))
+    straight = load_checkpoint(tmp_path / "straight" / "student.pt").state_dict
+    ends = [i for i, name in enumerate(writes) if name == "last.pt"]
+    epoch_two = range(ends[0] + 1, ends[1] + 1)
+    assert {"student.pt", "generator.pt", "synthetic.pt", "last.pt"} <= {writes[i] for i in epoch_two}
+    assert any(writes[i].startswith("shard_") for i in epoch_two)
+    for kill_at in epoch_two:
+        out = tmp_path / f"killed-before-{kill_at}-{writes[kill_at]}"
+        _run_writes(monkeypatch, DistillRun(_tiny("pool"), digits_teacher, out), kill_at)
+        DistillRun(_tiny("pool"), digits_teacher, out, resume=True).run()
+        resumed = load_checkpoint(out / "student.pt").state_dict
+        assert all(torch.equal(straight[k], resumed[k]) for k in straight), f"killed before writing {writes[kill_at]}"
+        assert len(list((out / "pool").glob("shard_*.pt"))) <= 2  # the files of older saves were deleted
 
 
 def test_kill_9_loses_at_most_the_work_since_the_last_checkpoint(tmp_path, digits_teacher):
@@ -368,6 +426,52 @@ def test_a_replay_memory_smaller_than_a_batch_is_refused():
     config = apply_overrides(preset_config("dfad", "tiny"), ["replay_size=10", "batch_size=128"])
     with pytest.raises(DfadError, match="must hold one batch"):
         config.validate()
+
+
+def test_milestones_past_the_last_epoch_are_refused_and_a_presets_move_with_its_epochs(monkeypatch):
+    from dfad_edge.distill import config as config_module
+
+    notes = []
+    monkeypatch.setattr(config_module, "log", notes.append)
+    # The published recipe drops at epochs 100 and 200 of 500: run for 50 epochs, they move to 10 and 20 (one line).
+    config = apply_overrides(preset_config("dfad", "cifar100"), ["epochs=50"])
+    config.validate()
+    assert config.options.milestones == (10, 20) and "with epochs=50 they are (10, 20)" in notes.pop()
+    # Milestones the user gives are the user's: past the end they are refused, not moved.
+    for assignments in (["epochs=50", "milestones=100,200"], ["milestones=600"]):
+        with pytest.raises(DfadError, match=r"milestones \[.*\] fall on or after the last epoch"):
+            apply_overrides(preset_config("dfad", "cifar100"), assignments).validate()
+    with pytest.raises(DfadError, match="step_size 100 is not below epochs"):
+        apply_overrides(preset_config("dfad", "cifar100"), ["scheduler=step", "epochs=100"]).validate()
+    # One epoch leaves no boundary to drop at: no milestone, said so.
+    config = apply_overrides(preset_config("dfad", "tiny"), ["epochs=1"])
+    config.validate()
+    assert config.options.milestones == () and "none (no drop)" in notes.pop()
+
+
+def test_amp_auto_takes_the_faster_of_fp32_and_bf16_as_measured_and_caches_it(tmp_path, digits_teacher, monkeypatch):
+    from dfad_edge.distill import autocast_choice
+
+    monkeypatch.setenv("DFAD_EDGE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(autocast_choice, "autocast_candidates", lambda device: [None, torch.bfloat16])
+    timed = []
+    # A Xeon without AMX: bf16 slower than fp32 (measured there: 178.8 against 223.7 images/s).
+    monkeypatch.setattr(autocast_choice, "measure", lambda *args: timed.append(1) or {"fp32": 10.0, "bf16": 12.5})
+    run = DistillRun(_tiny("dfad", epochs=1), digits_teacher, tmp_path / "xeon")
+    assert (run.config.amp, run.amp_dtype, len(timed)) == ("off", None, 1)
+    run.run()
+    resolved = json.loads((tmp_path / "xeon" / "config.json").read_text())["resolved"]
+    assert resolved["amp_choice"]["chosen"] == "fp32" and resolved["amp_choice"]["ms_per_step"] == {"fp32": 10.0, "bf16": 12.5}
+    assert safe_torch_load(tmp_path / "xeon" / "last.pt")["config"]["amp"] == "off"  # a resumed run keeps it
+    # The same machine, models and shapes again: the cached decision, no second measurement.
+    again = DistillRun(_tiny("dfad", epochs=1), digits_teacher, tmp_path / "again")
+    assert (again.config.amp, len(timed)) == ("off", 1) and "cached" in again.amp_choice
+    # Where bf16 is faster (a Zen 4: 2.7x), it is taken; another workload is measured afresh.
+    monkeypatch.setattr(autocast_choice, "measure", lambda *args: timed.append(1) or {"fp32": 10.0, "bf16": 4.0})
+    zen = DistillRun(_tiny("dfad", epochs=1, options={"batch_size": 16}), digits_teacher, tmp_path / "zen")
+    assert (zen.config.amp, zen.amp_dtype, len(timed)) == ("bf16", torch.bfloat16, 2)
+    # An explicit --amp is never second-guessed.
+    assert DistillRun(_tiny("dfad", epochs=1, amp="off"), digits_teacher, tmp_path / "asked").amp_choice is None
 
 
 def test_budget_and_help_are_understood(tmp_path, digits_teacher):

@@ -182,6 +182,38 @@ def test_a_pool_step_on_two_ranks_of_half_the_batch_equals_one_process_of_the_wh
         torch.testing.assert_close(shard["latent_gradient"], randn.handed_out[0].grad[rows], rtol=1e-4, atol=1e-7)
 
 
+def _timm_student_step(folder) -> dict:
+    """One training-mode forward and backward of a timm student (its BatchNormAct2d layers: BatchNorm and activation
+    in one) on this rank's share of a fixed batch, as synchronised under torchrun; the outputs and gradients."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("mobilenetv3_small_050", num_classes=10, in_chans=1).train()
+    images = torch.randn(BATCH, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    share = slice(rank() * BATCH // distributed.world_size(), (rank() + 1) * BATCH // distributed.world_size())
+    distributed.sync_batchnorm(model, torch.device("cpu"))
+    logits = model(images[share])
+    logits.square().mean().backward()  # a per-sample mean: over equal shares, the ranks' mean is the batch's
+    distributed.average_gradients(model.parameters())
+    state = {"logits": logits.detach(), "grads": {n: p.grad.clone() for n, p in model.named_parameters()}}
+    if folder is not None:
+        torch.save(state, folder / f"timm-rank{rank()}.pt")
+    return state
+
+
+def test_a_timm_student_on_two_ranks_of_half_the_batch_computes_what_one_process_computes(tmp_path):
+    pytest.importorskip("timm")
+    whole = _timm_student_step(None)
+    on_two_ranks(_timm_student_step, tmp_path)
+    for index in range(RANKS):
+        shard = torch.load(tmp_path / f"timm-rank{index}.pt", weights_only=True)
+        share = slice(index * BATCH // RANKS, (index + 1) * BATCH // RANKS)
+        # The activation after each synchronised BatchNorm is kept: a plain SyncBatchNorm in its place would not.
+        torch.testing.assert_close(shard["logits"], whole["logits"][share], rtol=1e-3, atol=1e-4)
+        for name, gradient in whole["grads"].items():
+            torch.testing.assert_close(shard["grads"][name], gradient, rtol=1e-3, atol=1e-4, msg=name)
+
+
 def test_the_ranks_targets_together_cover_the_classes_as_one_batch_does():
     cpu = torch.device("cpu")
     one_batch = balanced_targets(64, 10, cpu)
@@ -259,6 +291,70 @@ def test_a_nan_on_one_rank_stops_both_with_the_last_checkpoint_kept(tmp_path, di
     for index in range(RANKS):
         assert "non-finite loss at epoch 2" in (tmp_path / f"error-rank{index}.txt").read_text()
     assert safe_torch_load(tmp_path / "run" / "last.pt")["epoch"] == 1
+
+
+def _failing_on_rank_1(teacher, folder) -> None:
+    """Rank 1 fails alone mid-epoch 2 (as a full disk or a bad image would); each rank records how it ended, as the
+    command line would report it, and when."""
+    run = DistillRun(_tiny(), teacher, folder / "run")
+    if rank() == 1:
+        real_iteration, calls = run.method.iteration, []
+
+        def iteration_then_failure(progress):
+            calls.append(1)
+            if len(calls) == 5:
+                raise DfadError("no space left on device (rank 1's disk)")
+            return real_iteration(progress)
+
+        run.method.iteration = iteration_then_failure
+    (folder / f"started-rank{rank()}").write_text(str(time.time()))
+    run.run()
+
+
+def _recording_how_each_rank_ends(rank_index: int, port: int, function, args) -> None:
+    folder = args[-1]
+    try:
+        _as_rank(rank_index, port, function, args)
+    except DfadError as exc:
+        (folder / f"error-rank{rank_index}.txt").write_text(f"{time.time()}\n{exc.user_message()}")
+
+
+def test_a_failure_on_one_rank_stops_every_rank_within_seconds_with_its_message(tmp_path, digits_teacher):
+    mp.start_processes(_recording_how_each_rank_ends, args=(_free_port(), _failing_on_rank_1, (digits_teacher, tmp_path)),
+                       nprocs=RANKS, start_method="spawn")
+    ended = {}
+    for index in range(RANKS):
+        stopped_at, message = (tmp_path / f"error-rank{index}.txt").read_text().split("\n", 1)
+        assert "no space left on device (rank 1's disk)" in message
+        ended[index] = float(stopped_at)
+    assert "rank 1 failed" in (tmp_path / "error-rank0.txt").read_text()
+    assert ended[0] - ended[1] < 15  # not the 30-minute collective timeout
+
+
+def _resolving_in_turn(teacher, folder) -> None:
+    """Each rank records when it resolves --eval-data and whether it may download."""
+    import dfad_edge.distill.loop as loop
+
+    original = loop.resolve_source
+
+    def resolve(name, data_dir, download):
+        log = folder / f"resolve-rank{rank()}.txt"
+        log.write_text(f"{time.time()} {download}")
+        if rank() == 0:
+            time.sleep(1.0)  # a download in progress
+        log.write_text(log.read_text() + f" {time.time()}")
+        return original(name, data_dir, download)
+
+    loop.resolve_source = resolve
+    DistillRun(_tiny(), teacher, folder / "run", eval_data="digits", download=True)
+
+
+def test_one_rank_downloads_the_evaluation_data_and_the_others_wait_for_it(tmp_path, digits_teacher):
+    on_two_ranks(_resolving_in_turn, digits_teacher, tmp_path)
+    (start0, download0, end0), (start1, download1, end1) = (
+        (tmp_path / f"resolve-rank{index}.txt").read_text().split() for index in range(RANKS))
+    assert (download0, download1) == ("True", "False")
+    assert float(start1) >= float(end0)
 
 
 # --- the commands under torchrun -----------------------------------------------------------------------------------

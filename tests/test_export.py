@@ -145,13 +145,17 @@ def test_projection_shortcut_keeps_its_qdq_and_the_residual_branch_is_fused(tmp_
     assert list(kernel[2:]) == [3, 3] and _quantized_source(graph, add) == "Conv"
 
 
-def _residual_graph(quantize_conv_branch: bool, quantize_skip: bool) -> onnx.ModelProto:
-    """x -> Q/DQ -> Conv (Q/DQ weight) = c;  Add(c, x): each input with or without its own Q/DQ pair."""
-    initializers = [numpy_helper.from_array(np.array(0.1, np.float32), "s"), numpy_helper.from_array(np.array(0, np.int8), "z"),
+def _residual_graph(quantize_conv_branch: bool, quantize_skip: bool, float_ends: bool = True,
+                    zero_points: bool = True) -> onnx.ModelProto:
+    """x -> Q/DQ -> Conv (Q/DQ weight) = c;  Add(c, x): each input with or without its own Q/DQ pair; between a float
+    stem (1x1 convolution and ReLU) and a float classifier (1x1 convolution) unless ``float_ends`` is False."""
+    initializers = [numpy_helper.from_array(np.ones((4, 4, 1, 1), np.float32), "f"), numpy_helper.from_array(np.array(0.1, np.float32), "s"), numpy_helper.from_array(np.array(0, np.int8), "z"),
                     numpy_helper.from_array(np.ones((4, 4, 1, 1), np.int8), "w"),
                     numpy_helper.from_array(np.full(4, 0.01, np.float32), "ws"),
                     numpy_helper.from_array(np.zeros(4, np.int8), "wz")]
-    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"], name="q_x"),
+    nodes = [helper.make_node("Conv", ["image", "f"], ["stemmed"], name="stem"),
+             helper.make_node("Relu", ["stemmed"], ["x"], name="stem_relu")] if float_ends else []
+    nodes += [helper.make_node("QuantizeLinear", ["x", "s", "z"] if zero_points else ["x", "s"], ["xq"], name="q_x"),
              helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"], name="dq_x"),
              helper.make_node("DequantizeLinear", ["w", "ws", "wz"], ["wd"], name="dq_w", axis=0),
              helper.make_node("Conv", ["xd", "wd"], ["c"], name="conv")]
@@ -165,9 +169,11 @@ def _residual_graph(quantize_conv_branch: bool, quantize_skip: bool) -> onnx.Mod
             inputs.append("cd")
         else:
             inputs.append(name)
-    nodes.append(helper.make_node("Add", inputs, ["y"], name="residual"))
+    nodes.append(helper.make_node("Add", inputs, ["added" if float_ends else "y"], name="residual"))
+    if float_ends:
+        nodes.append(helper.make_node("Conv", ["added", "f"], ["y"], name="classifier"))
     tensor = helper.make_tensor_value_info
-    graph = helper.make_graph(nodes, "g", [tensor("x", TensorProto.FLOAT, [1, 4, 2, 2])],
+    graph = helper.make_graph(nodes, "g", [tensor("image" if float_ends else "x", TensorProto.FLOAT, [1, 4, 2, 2])],
                               [tensor("y", TensorProto.FLOAT, [1, 4, 2, 2])], initializers)
     return helper.make_model(graph)
 
@@ -180,6 +186,27 @@ def test_rule_checker_accepts_nvidias_placement_and_rejects_the_others():
     assert len(neither) == 1 and "skip input has no Q/DQ" in neither[0]
     reversed_ = tensorrt_qdq_violations(_residual_graph(quantize_conv_branch=True, quantize_skip=False))
     assert len(reversed_) == 1 and "come from no convolution" in reversed_[0]
+
+
+def test_rule_checker_needs_int8_zero_points_and_float_ends_whatever_the_node_names():
+    good = _residual_graph(quantize_conv_branch=False, quantize_skip=True)
+    assert tensorrt_qdq_violations(good) == []
+    # No zero-point on a QuantizeLinear: uint8 by the ONNX spec, which TensorRT refuses.
+    missing = tensorrt_qdq_violations(_residual_graph(False, True, zero_points=False))
+    assert missing == ["q_x: QuantizeLinear without a zero-point (uint8 by the ONNX spec; TensorRT needs an explicit "
+                       "int8 zero-point of 0)"]
+    # uint8 weights behind a DequantizeLinear without a zero-point.
+    unsigned = _residual_graph(False, True)
+    weights = next(init for init in unsigned.graph.initializer if init.name == "w")
+    weights.CopyFrom(numpy_helper.from_array(np.ones((4, 4, 1, 1), np.uint8), "w"))
+    next(node for node in unsigned.graph.node if node.name == "dq_w").input.pop()
+    assert any("DequantizeLinear of uint8 weights" in v for v in tensorrt_qdq_violations(unsigned))
+    # A quantized stem and classifier are found by position: renaming them does not hide them.
+    ends = _residual_graph(False, True, float_ends=False)
+    for node in ends.graph.node:
+        node.name = f"renamed_{node.name}"
+    found = tensorrt_qdq_violations(ends)
+    assert [v.split(":")[0] for v in found] == ["stem Conv renamed_conv", "classifier Conv renamed_conv"]
 
 
 def test_fp16_typing_keeps_the_weights_of_near_dead_channels():

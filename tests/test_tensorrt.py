@@ -20,6 +20,7 @@ import torch
 
 from conftest import run_cli
 from dfad_edge.bench import backends
+from dfad_edge.bench.report import precision_label
 from dfad_edge.bench.runner import BenchOptions, accuracy_row, run_bench
 from dfad_edge.checkpoint import InputSpec, model_checkpoint
 from dfad_edge.errors import DfadError
@@ -493,6 +494,11 @@ def test_onnxruntime_on_cuda_runs_on_a_stream_of_its_own_on_the_gpu_asked_for(tm
     name, options = sessions[0].providers[0]
     assert name == "CUDAExecutionProvider" and options["device_id"] == 1
     assert options["user_compute_stream"] == str(backend.stream.cuda_stream) and backend.stream.device == torch.device("cuda", 1)
+    assert backend.computes_in is None
+    # A Q/DQ graph on the CUDA provider is dequantized and convolved in float: the row says so.
+    int8 = backends.OnnxRuntimeBackend(tmp_path / "model.onnx", "int8", torch.device("cuda", 1))
+    assert int8.computes_in.startswith("float (Q/DQ dequantized")
+    assert precision_label({"precision": "int8", "computes_in": int8.computes_in}) == "int8, run in float"
     monkeypatch.setattr(Session, "get_providers", lambda self: ["CPUExecutionProvider"])
     with pytest.raises(backends.BackendUnavailable, match="fell back to the CPU"):
         backends.OnnxRuntimeBackend(tmp_path / "model.onnx", "fp32", torch.device("cuda", 1))

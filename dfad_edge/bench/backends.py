@@ -29,6 +29,8 @@ class InferenceBackend(ABC):
     artifact: Path | None = None
     threads: int | None = None
     max_batch: int | None = None  # engines are built for a batch range; None = any batch
+    # What the arithmetic really is where it differs from the precision of the artifact (None: the same).
+    computes_in: str | None = None
 
     @abstractmethod
     def predict(self, images: np.ndarray) -> np.ndarray:
@@ -130,6 +132,10 @@ class OnnxRuntimeBackend(InferenceBackend):
                                      "and fell back to the CPU")
         self.input_name = self.session.get_inputs()[0].name
         self.threads = threads
+        if device.type == "cuda" and precision == "int8":
+            # ONNX Runtime's CUDA provider has no INT8 convolution: it dequantizes the Q/DQ graph and convolves in
+            # float, so this row times the Q/DQ graph in float, not INT8 inference (TensorRT's int8 rows are that).
+            self.computes_in = "float (Q/DQ dequantized: no INT8 convolutions in ONNX Runtime's CUDA provider)"
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: images.astype(np.float32, copy=False)})[0]

@@ -37,6 +37,11 @@ def _shared_batches(first: dict, second: dict) -> list[str]:
     return sorted(set(first["latency_ms"]) & set(second["latency_ms"]), key=int)
 
 
+def precision_label(row: dict) -> str:
+    """The artifact's precision, and what the arithmetic really was where that differs (computes_in in JSON)."""
+    return f"{row['precision']}, run in {row['computes_in'].split(' (')[0]}" if row.get("computes_in") else row["precision"]
+
+
 def results_table(report: dict) -> list[str]:
     # Top-5 where the data set has more than 10 classes (bench records it there only).
     top5 = any("accuracy_top5" in row for row in _ran(report))
@@ -49,7 +54,7 @@ def results_table(report: dict) -> list[str]:
         first = min(row["latency_ms"], key=int)
         acc = row["accuracy"]
         lines.append(
-            f"| {row['model']} | {row['backend']} | {row['precision']} | {acc['10%']:.2%} | {acc['20%']:.2%} | "
+            f"| {row['model']} | {row['backend']} | {precision_label(row)} | {acc['10%']:.2%} | {acc['20%']:.2%} | "
             f"{acc['100%']:.2%} | " + (f"{row['accuracy_top5']['100%']:.2%} | " if top5 else "") +
             f"{row['agreement']['teacher']['100%']:.2%} | {row['agreement']['fp32']['100%']:.2%} | "
             f"{row['latency_ms'][first]['p50']:.3f} (b{first}) | {row['latency_ms'][first]['p90']:.3f} | "

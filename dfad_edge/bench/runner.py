@@ -172,7 +172,7 @@ def accuracy_row(model: BenchModel, backend_name: str, precision: str, device: t
     artifact = backend.artifact or model.checkpoint_path
     row.update({
         "artifact": str(artifact), "bytes": artifact.stat().st_size,
-        "provider": getattr(backend, "provider", None), "threads": backend.threads,
+        "provider": getattr(backend, "provider", None), "threads": backend.threads, "computes_in": backend.computes_in,
         "peak_device_memory_bytes": memory["bytes"],
         "accuracy": accuracy, **top_k, "images": sizes,
         "agreement": {"teacher": split_agreement(predictions, torch.from_numpy(references["teacher"])),

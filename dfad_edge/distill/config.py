@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 from ..errors import DfadError
 from ..options import field_names, from_plain, option, option_help, parse_value, validate_options
+from ..progress import log
 from .dfad import DfadOptions
 from .method import method_class
 from .pool import PoolOptions
@@ -34,7 +35,8 @@ class DistillConfig:
     budget_minutes: float | None = option(None, "train for this long; the schedule is planned to end then", above=0)
     seed: int = option(0, "seed of every random number in the run", min=0)
     device: str = option("auto", "auto, cpu or cuda[:N]")
-    amp: str = option("auto", "mixed precision: auto picks bf16 where the hardware runs it natively",
+    amp: str = option("auto", "mixed precision: auto times fp32 against the hardware's native type (bf16; fp16 on "
+                      "older GPUs) at start-up and takes the faster (cached per machine and models)",
                       choices=("auto", "off", "bf16", "fp16"))
     channels_last: bool = option(True, "NHWC memory format (faster convolutions on CUDA and x86)")
     compile: bool = option(False, "torch.compile the student and teacher")
@@ -57,7 +59,7 @@ class DistillConfig:
         if not isinstance(self.options, expected):
             raise DfadError(f"method '{self.method}' takes {expected.__name__}, got {type(self.options).__name__}")
         validate_options(self.options, prefix=f"{self.method}.")
-        self.options.validate()
+        self.options.validate(self.epochs)
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -82,7 +84,7 @@ def _dfad(**loop) -> DistillConfig:
 
 
 def _measured_pool(**changes) -> PoolOptions:
-    """The pool method as measured best on a CPU (README, "Choosing the default"): DFAD's generator and adversarial L1
+    """The pool method as measured best on a CPU (docs/results.md, "Choosing the default"): DFAD's generator and adversarial L1
     term, one generator step per batch, every batch and two forward-only batches from the generator kept in a pool,
     the student learning from it by KL at T = 20 with half of each batch from the newest images. Fast-DFKD's
     meta-learnt few-step synthesis, sigmoid generator, target-class cross-entropy and masked KL (PoolOptions' defaults)
@@ -97,13 +99,13 @@ def _measured_pool(**changes) -> PoolOptions:
 
 # The tiny presets run for seconds (digits: ~30 s), where compiling the teacher (~3 s) costs more than it saves. Their
 # 24 epochs (12 before) were chosen on CIFAR-10 at 16 px, a tiny-kind data set no preset was tuned on: +0.9 to 1.0
-# points on each of 3 seeds (README, "Choosing the default").
+# points on each of 3 seeds (docs/results.md, "Choosing the default").
 PRESETS: dict[str, dict[str, DistillConfig]] = {
     "dfad": {
         # The paper's recipe (Fang et al. 2019): ResNet-34 -> ResNet-18 on CIFAR-100, 500 epochs x 50 iterations.
         "cifar100": _dfad(preset="cifar100", student_arch="resnet18_8x"),
         "cifar10": _dfad(preset="cifar10", student_arch="resnet18_8x"),
-        # dfad-edge's remedies against mode collapse, as measured on a 32x32 teacher (README, CIFAR-10 on a CPU).
+        # dfad-edge's remedies against mode collapse, as measured on a 32x32 teacher (docs/results.md, CIFAR-10 on a CPU).
         "small": replace(_dfad(preset="small", epochs=26, iters_per_epoch=20),
                          options=DfadOptions(batch_size=64, scheduler="cosine", bn_stats=10.0, class_balance=1.0,
                                              replay_size=8192)),
@@ -126,11 +128,11 @@ PRESETS["prior"] = {
     "small": DistillConfig(method="prior", preset="small", student_arch="resnet20", epochs=26, iters_per_epoch=20,
                            options=PriorOptions()),
     "tiny": DistillConfig(method="prior", preset="tiny", student_arch="digits_cnn_medium", epochs=24, iters_per_epoch=20,
-                          compile_teacher=False, options=PriorOptions(nz=64, ngf=32, batch_size=128)),
+                          compile_teacher=False, options=PriorOptions(nz=64, ngf=32, batch_size=128, generator_fraction=0.5)),
     "large": DistillConfig(method="prior", preset="large", student_arch="torchvision.mobilenet_v3_small", epochs=100,
                            iters_per_epoch=20, options=PriorOptions(batch_size=64)),
 }
-# The method ``--method auto`` picks for each kind of data: the one that measured better (README, "Choosing the
+# The method ``--method auto`` picks for each kind of data: the one that measured better (docs/results.md, "Choosing the
 # default"); large images were not measured and follow the small ones.
 DEFAULT_METHOD = {"tiny": "dfad", "small": "dfad", "large": "dfad"}
 
@@ -173,7 +175,24 @@ def apply_overrides(config: DistillConfig, assignments: list[str]) -> DistillCon
         else:
             valid = sorted(field_names(DistillConfig) - {"options", "method"}) + sorted(field_names(method_cls))
             raise DfadError(f"--set {key}: no such option for method {config.method}. Valid: {', '.join(valid)}")
-    return replace(config, **loop_changes, options=replace(config.options, **method_changes))
+    changed = replace(config, **loop_changes, options=replace(config.options, **method_changes))
+    if "epochs" in loop_changes and "milestones" not in method_changes:
+        changed = with_epochs(changed, changed.epochs, planned_for=config.epochs)
+    return changed
+
+
+def with_epochs(config: DistillConfig, epochs: int, planned_for: int) -> DistillConfig:
+    """``config`` run for ``epochs`` instead of the ``planned_for`` its multistep milestones were set for: they move
+    to the same shares of the run (a preset's drops at 2/3 and 11/12 of 24 epochs stay there at 12), with one line
+    saying so; those that would fall on or past the last epoch are dropped."""
+    milestones = getattr(config.options, "milestones", ())
+    if getattr(config.options, "scheduler", None) != "multistep" or not milestones or epochs == planned_for:
+        return replace(config, epochs=epochs)
+    moved = tuple(m for m in sorted({max(1, round(m * epochs / planned_for)) for m in milestones}) if m < epochs)
+    if moved != tuple(milestones):
+        log(f"note: milestones {tuple(milestones)} were set for {planned_for} epochs; with epochs={epochs} they are "
+            f"{moved or 'none (no drop)'} (--set milestones=... to choose)")
+    return replace(config, epochs=epochs, options=replace(config.options, milestones=moved))
 
 
 def options_reference() -> str:

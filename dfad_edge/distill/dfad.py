@@ -48,7 +48,16 @@ class DfadOptions:
     replay_size: int = option(0, "remedy: past synthetic images replayed to the student, 0 = off", min=0, split=True)
     replay_fraction: float = option(0.5, "share of each student batch taken from the replay memory", min=0, below=1)
 
-    def validate(self) -> None:
+    def validate(self, epochs: int) -> None:
+        # The schedule counts epochs of this run: a drop on or after the last epoch would never happen.
+        late = [m for m in self.milestones if m >= epochs]
+        if self.scheduler == "multistep" and late:
+            raise DfadError(f"milestones {late} fall on or after the last epoch ({epochs} epochs), so those drops never "
+                            f"happen: --set milestones=... below {epochs} (e.g. {max(1, epochs // 5)},{max(1, 2 * epochs // 5)}) or "
+                            "--set scheduler=cosine")
+        if self.scheduler == "step" and self.step_size >= epochs:
+            raise DfadError(f"step_size {self.step_size} is not below epochs ({epochs}), so the learning rate never "
+                            f"drops: --set step_size=... below {epochs}, or --set scheduler=cosine")
         # A memory smaller than a batch could not hold one write, nor give the replayed share of a student batch
         # (which would then silently shrink every student batch).
         if self.replay_size and self.replay_size < self.batch_size:

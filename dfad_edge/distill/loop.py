@@ -31,7 +31,7 @@ from ..checkpoint import InputSpec, load_checkpoint, model_checkpoint, safe_torc
 from ..data import check_compatible, make_loader, resolve_source
 from ..data.unlabeled import refuse_evaluation_images
 from ..distributed import (broadcast_from_main, data_parallel, gather_to_main, host_floats_summed, is_distributed,
-                           is_main, mean_over_ranks, on_main_only, rank, rank_device, refuse_another_world_size,
+                           is_main, main_rank_first, mean_over_ranks, on_main_only, rank, rank_device, refuse_another_world_size,
                            split_across_ranks, world_size)
 from ..errors import DfadError
 from ..evaluate import loader_accuracy
@@ -42,16 +42,20 @@ from ..progress import log, new_progress
 from ..runtime import autocast_dtype, cpu_bf16_instructions, resolve_device, restore_rng_state, rng_state, seed_everything
 from .config import DistillConfig
 from .diagnostics import collapse_diagnostics, collapse_warning
+from .autocast_choice import choose_autocast
 from .method import DistillMethod, Setup, method_class
 from .samples import save_sample_grid
 
-STATE_FORMAT = "dfad-edge-distill-state/2"
+STATE_FORMAT = "dfad-edge-distill-state/3"
 SYNTHETIC_FORMAT = "dfad-edge-synthetic/1"
 SYNTHETIC_IMAGES = 1024  # enough for INT8 calibration (512) and separate verification images
+AUTOCAST_BATCH = 64  # the largest batch --amp auto times (its speed ratio changes little above)
 
 
 class RunInterrupted(DfadError):
     """Raised after a clean save on Ctrl-C / SIGTERM."""
+
+    every_rank_stops = True  # the ranks agree on a stop before any raises it: not one rank's failure
 
 
 @contextmanager
@@ -121,12 +125,16 @@ class DistillRun:
             # The saved config wins: a resumed run must be the same run.
             config = DistillConfig.from_dict(saved["config"])
         config.validate()
-        self.config = config
         method_options = split_across_ranks(config.options)
         self.device = rank_device(resolve_device(config.device))
-        self.amp_dtype = autocast_dtype(self.device, config.amp)
         self.teacher_checkpoint = load_checkpoint(self.teacher_path)
-        self.eval_source = resolve_source(eval_data, data_dir, download) if eval_data else None
+        self.amp_choice = None
+        if config.amp == "auto":  # decided once; last.pt keeps the decision, so a resumed run is the same run
+            config = self._decide_autocast(config, getattr(method_options, "batch_size", AUTOCAST_BATCH))
+        self.config = config
+        self.amp_dtype = autocast_dtype(self.device, config.amp)
+        with main_rank_first():  # one rank downloads; the others then find the files
+            self.eval_source = resolve_source(eval_data, data_dir, download and is_main()) if eval_data else None
         self.eval_data, self.data_dir = eval_data, data_dir
         if self.eval_source is not None:
             check_compatible(self.eval_source, self.teacher_checkpoint.input_spec,
@@ -139,6 +147,32 @@ class DistillRun:
         if is_distributed():
             # Every rank built the same networks from the run's seed (DDP requires it); each now draws its own numbers.
             seed_everything(self.rank_seeds()[rank()])
+
+    def _decide_autocast(self, config: DistillConfig, batch_size: int) -> DistillConfig:
+        """``amp=auto`` made concrete by timing this run's teacher and student (rank 0 measures, every rank follows)."""
+        decision = None
+        if is_main():
+            teacher_spec = self.teacher_checkpoint.input_spec
+            spec = replace(teacher_spec, height=self._student_size(config)[0], width=self._student_size(config)[1])
+            teacher = self.teacher_checkpoint.build_model().to(self.device).eval().requires_grad_(False)
+            student = create_model(config.student_arch, **build_kwargs(
+                config.student_arch, self.teacher_checkpoint.num_classes, spec.shape[0], spec.shape[1:])).to(self.device)
+            batch = min(batch_size, AUTOCAST_BATCH)
+            # Their own generator: deciding must not move the run's random stream.
+            noise = torch.Generator().manual_seed(0)
+            images = tuple(torch.randn(batch, *shape, generator=noise).to(self.device)
+                           for shape in (teacher_spec.shape, spec.shape))
+            if config.channels_last:
+                teacher, student = (model.to(memory_format=torch.channels_last) for model in (teacher, student))
+                images = tuple(batch_images.contiguous(memory_format=torch.channels_last) for batch_images in images)
+            workload = {"teacher": self.teacher_checkpoint.arch, "student": config.student_arch,
+                        "input": list(spec.shape), "batch": batch, "channels_last": config.channels_last}
+            decision = choose_autocast(teacher, student, images, workload)
+            del teacher, student
+        setting, self.amp_choice = broadcast_from_main(decision)
+        log(f"--amp auto: {self.amp_choice['chosen']} ({self.amp_choice.get('ms_per_step') or self.amp_choice['why']}"
+            f"{', cached' if 'cached' in self.amp_choice else ''})")
+        return replace(config, amp=setting)
 
     def _refuse_evaluation_sources(self) -> None:
         """Images the method learns from must not be the test set it is evaluated on."""
@@ -155,8 +189,12 @@ class DistillRun:
     # --- set-up -----------------------------------------------------------------------------------------------
     def _student_spec(self) -> InputSpec:
         """The teacher's spec (normalisation, evaluation transform) at the student's input size."""
-        height, width = self.config.student_input_size or default_input_size(self.config.student_arch)
+        height, width = self._student_size(self.config)
         return replace(self.teacher_checkpoint.input_spec, height=height, width=width)
+
+    @staticmethod
+    def _student_size(config: DistillConfig) -> tuple[int, int]:
+        return tuple(config.student_input_size or default_input_size(config.student_arch))
 
     def _build_setup(self) -> Setup:
         config, teacher_ckpt = self.config, self.teacher_checkpoint
@@ -321,7 +359,7 @@ class DistillRun:
         atomic_write_json(self.out / "config.json", {
             **self.config.to_dict(), "teacher": str(Path(self.teacher_path).resolve()), "eval_data": self.eval_data,
             "data_dir": str(Path(self.data_dir).resolve()) if self.data_dir else None,
-            "resolved": {"device": str(self.device), "amp_dtype": str(self.amp_dtype),
+            "resolved": {"device": str(self.device), "amp_dtype": str(self.amp_dtype), "amp_choice": self.amp_choice,
                          "cpu_bf16_instructions": cpu_bf16_instructions() if self.device.type == "cpu" else None,
                          "student_input": list(self.student_spec.shape), "dfad_edge_version": __version__,
                          "world_size": world_size(), "rank_seeds": self.rank_seeds(),

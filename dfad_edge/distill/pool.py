@@ -89,7 +89,7 @@ class PoolOptions:
     student_augment: bool = option(True, "augment student batches: mirror (if flip-invariant) with cached logits, "
                                    "shift and mirror with fresh ones")
 
-    def validate(self) -> None:
+    def validate(self, epochs: int) -> None:
         if self.pool_size < self.batch_size:
             raise DfadError(f"pool_size {self.pool_size} is smaller than batch_size {self.batch_size}: the pool must "
                             "hold one synthesised batch")
@@ -346,7 +346,7 @@ class PoolMethod(DistillMethod):
         return {"generator": self.generator.state_dict(),
                 "meta_optimizer": self.meta_optimizer.state_dict(), "optimizer_g": self.optimizer_g.state_dict(),
                 "optimizer_s": self.optimizer_s.state_dict(),
-                "scaler_s": self.scaler_s.state_dict(), "scaler_g": self.scaler_g.state_dict(), "pool_count": self.pool.count,
+                "scaler_s": self.scaler_s.state_dict(), "scaler_g": self.scaler_g.state_dict(), "pool": self.pool.state(),
                 "bn_previous": self.bn_statistics.state() if self.bn_statistics is not None else None,
                 "flip_allowed": self.flip_allowed, "flip_agreement": self.flip_agreement}
 
@@ -357,7 +357,7 @@ class PoolMethod(DistillMethod):
         self.optimizer_s.load_state_dict(state["optimizer_s"])
         self.scaler_s.load_state_dict(state["scaler_s"])
         self.scaler_g.load_state_dict(state["scaler_g"])
-        self.pool.load(out / "pool", state["pool_count"])
+        self.pool.load(out / "pool", state["pool"])
         if self.bn_statistics is not None and state["bn_previous"] is not None:
             self.bn_statistics.load([(m.to(self.setup.device), v.to(self.setup.device)) for m, v in state["bn_previous"]])
         self.flip_allowed, self.flip_agreement = state["flip_allowed"], state["flip_agreement"]

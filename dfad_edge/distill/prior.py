@@ -41,7 +41,7 @@ class PriorOptions:
     momentum: float = option(0.9, "student SGD momentum", min=0, below=1)
     weight_decay: float = option(5e-4, "student SGD weight decay", min=0)
     temperature: float = option(8.0, "KL temperature of the teacher's and student's logits", above=0)
-    crop_scale: tuple[float, ...] = option((0.001, 0.25), "crop area as a share of the source image: min,max",
+    crop_scale: tuple[float, ...] = option((0.01, 1.0), "crop area as a share of the source image: min,max",
                                            above=0, max=1)
     crop_ratio: tuple[float, ...] = option((0.75, 4 / 3), "crop aspect ratio (width/height): min,max", above=0)
     rotate: float = option(0.0, "rotation within +-degrees", min=0, max=180)
@@ -52,7 +52,7 @@ class PriorOptions:
                        choices=("auto", "on", "off"))
     cutmix: float = option(1.0, "share of images with a CutMix box from another image", min=0, max=1)
     cutmix_alpha: float = option(0.25, "CutMix box size: 1 - lambda, lambda ~ Beta(alpha, alpha)", above=0)
-    generator_fraction: float = option(0.0, "share of each student batch from DFAD's generator; 0: no generator",
+    generator_fraction: float = option(0.25, "share of each student batch from DFAD's generator; 0: no generator",
                                        min=0, below=1)
     nz: int = option(256, "generator latent size", min=1)
     ngf: int = option(64, "generator width", min=1)
@@ -62,7 +62,7 @@ class PriorOptions:
     bn_stats: float = option(10.0, "weight of the generator's BatchNorm-statistics term", min=0)
     class_balance: float = option(1.0, "weight of the generator's class-balance term", min=0)
 
-    def validate(self) -> None:
+    def validate(self, epochs: int) -> None:
         for name, pair in (("crop_scale", self.crop_scale), ("crop_ratio", self.crop_ratio)):
             if len(pair) != 2 or pair[0] > pair[1]:
                 raise DfadError(f"{name} takes min,max with min <= max (e.g. --set {name}=0.001,0.25), got {pair}")

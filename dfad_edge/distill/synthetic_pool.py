@@ -3,7 +3,9 @@
 Images are made once and reused for many student steps; since the teacher is frozen, its logits are stored beside each
 image and a student step on a stored image costs only the student. When the pool is full the oldest images are
 replaced. The pool is saved incrementally in shards under the run folder, so a checkpoint rewrites only what changed
-since the last one, never the whole pool.
+since the last one, never the whole pool. A shard is never overwritten: each save writes new files (named by the save's
+number) and last.pt names the files of its own save, so a run killed between the shards and last.pt resumes from the
+pool last.pt describes. Files are deleted once no checkpoint on disk can name them.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ class SyntheticPool:
         self.stored = torch.empty((capacity, *image_shape), dtype=torch.float16, device=device)
         self.teacher_logits = torch.empty((capacity, num_classes), dtype=torch.float16, device=device)
         self._dirty_shards: set[int] = set()
+        self.files: dict[int, str] = {}  # shard -> the file holding it as of the last save (recorded in last.pt)
+        self.saves = 0
 
     @property
     def filled(self) -> int:
@@ -67,18 +71,35 @@ class SyntheticPool:
 
     # --- persistence ---------------------------------------------------------------------------------------------
     def save(self, folder: Path) -> None:
-        """Write the shards changed since the last save (atomically, one file each)."""
+        """Write the shards changed since the last save into new files, then delete the files neither this save nor
+        the previous one names (the previous last.pt may still be the one on disk until this save's is written)."""
+        self.saves += 1
+        files = dict(self.files)
         for shard in sorted(self._dirty_shards):
             start, end = shard * SHARD_IMAGES, min((shard + 1) * SHARD_IMAGES, self.capacity)
+            files[shard] = f"shard_{shard:05d}.{self.saves:06d}.pt"
             atomic_torch_save({"format": POOL_FORMAT, "start": start, "images": self.stored[start:end].cpu().clone(),
-                               "teacher_logits": self.teacher_logits[start:end].cpu().clone()},
-                              folder / f"shard_{shard:05d}.pt")
+                               "teacher_logits": self.teacher_logits[start:end].cpu().clone()}, folder / files[shard])
+        self._delete_files_except(folder, {*self.files.values(), *files.values()})
+        self.files = files
         self._dirty_shards.clear()
 
-    def load(self, folder: Path, count: int) -> None:
-        self.count = count
-        for shard in range(-(-self.filled // SHARD_IMAGES)):
-            state = safe_torch_load(folder / f"shard_{shard:05d}.pt")
-            start = state["start"]
-            self.stored[start:start + len(state["images"])] = state["images"].to(self.stored.device)
-            self.teacher_logits[start:start + len(state["images"])] = state["teacher_logits"].to(self.stored.device)
+    @staticmethod
+    def _delete_files_except(folder: Path, kept: set[str]) -> None:
+        for path in folder.glob("shard_*.pt"):
+            if path.name not in kept:
+                path.unlink(missing_ok=True)
+
+    def state(self) -> dict:
+        """What last.pt records of the pool: how many images were added, and which file holds each shard."""
+        return {"count": self.count, "files": dict(self.files), "saves": self.saves}
+
+    def load(self, folder: Path, state: dict) -> None:
+        """The pool as ``state`` (from last.pt) describes it; shard files a later, unfinished save wrote are deleted."""
+        self.count, self.files, self.saves = state["count"], dict(state["files"]), state["saves"]
+        for name in self.files.values():
+            shard = safe_torch_load(folder / name)
+            start = shard["start"]
+            self.stored[start:start + len(shard["images"])] = shard["images"].to(self.stored.device)
+            self.teacher_logits[start:start + len(shard["images"])] = shard["teacher_logits"].to(self.stored.device)
+        self._delete_files_except(folder, set(self.files.values()))
