@@ -264,15 +264,15 @@ def _distill_epilog() -> str:
 def distill(
     teacher: Optional[Path] = typer.Option(None, "--teacher", help="the teacher: a dfad-edge checkpoint (see import/train-teacher)"),
     out: Path = typer.Option(..., "--out", help="run folder"),
-    method: str = typer.Option("auto", "--method", help="pool (synthesis into a pool of reused images) or dfad (the "
-                               "published DFAD recipe, with remedies in its presets); auto: the one measured best for the "
-                               "teacher's kind of data"),
+    method: str = typer.Option("auto", "--method", help="dfad (the published DFAD recipe, with remedies in its "
+                               "presets), pool (synthesis into a pool of reused images) or prior (augmented crops of "
+                               "photographs, --images); auto: the one measured best for the teacher's kind of data"),
     preset: str = typer.Option("auto", "--preset", help="a named configuration of the method (dfad: cifar100 = the paper's "
-                               "recipe, cifar10, small, tiny, large; pool: small, tiny, large); auto: the best measured for "
+                               "recipe, cifar10, small, tiny, large; pool and prior: small, tiny, large); auto: the best measured for "
                                "the teacher's kind of data, from its input size"),
     student: Optional[str] = typer.Option(None, "--student", help="student architecture (default: the preset's)"),
     budget: Optional[str] = typer.Option(None, "--budget", help="train for this long (30m, 2h, ...); the schedule is "
-                                         "planned to end then (evaluation time not counted)"),
+                                         "planned to end then (evaluation and checkpoint writes not counted)"),
     eval_data: Optional[str] = typer.Option(None, "--eval-data", help="also evaluate on this test set each epoch; observed "
                                             "only, never used to choose the student"),
     images: Optional[str] = typer.Option(None, "--images", help="method prior: learn on crops of these unlabeled images "

@@ -207,7 +207,9 @@ def test_teacher_with_another_input_size_sees_a_resized_view(tmp_path, digits_te
     teacher = load_checkpoint(digits_teacher)
     teacher.input_spec.height = teacher.input_spec.width = 16
     teacher.save(tmp_path / "teacher16.pt")
-    run = DistillRun(_tiny(), tmp_path / "teacher16.pt", tmp_path / "run")
+    # The student follows the teacher's size unless asked for another.
+    assert DistillRun(_tiny(), tmp_path / "teacher16.pt", tmp_path / "follows").student_spec.shape == (1, 16, 16)
+    run = DistillRun(_tiny(student_input_size=(8, 8)), tmp_path / "teacher16.pt", tmp_path / "run")
     seen = {"hooked": [], "folded": []}
     for name, teacher in (("hooked", run.setup.teacher), ("folded", run.setup.folded_teacher_forward)):
         teacher.register_forward_hook(lambda _m, inputs, _o, name=name: seen[name].append(tuple(inputs[0].shape[-2:])))

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import DfadError, missing_extra
+from ..errors import DfadError
 from .sources import IMAGE_EXTENSIONS
 
 BUILTIN = "builtin"
@@ -129,7 +129,8 @@ def _builtin_arrays(names) -> list[tuple[str, np.ndarray]]:
             try:
                 import skimage.data
             except ImportError:
-                raise missing_extra("scikit-image", "prior", "the built-in source photographs") from None
+                raise DfadError("the built-in source photographs need scikit-image, a dependency of dfad-edge that "
+                                "is not installed here: pip install scikit-image") from None
             image = getattr(skimage.data, name)()
         arrays.append((f"{BUILTIN_PHOTOS[name]}:{name}", image[0] if isinstance(image, tuple) else image))  # stereo: left
     return arrays

@@ -36,7 +36,7 @@ from ..distributed import (broadcast_from_main, data_parallel, gather_to_main, h
 from ..errors import DfadError
 from ..evaluate import loader_accuracy
 from ..io import append_jsonl, atomic_torch_save, atomic_write_json, atomic_write_text, run_folder_lock
-from ..models import build_kwargs, create_model, default_input_size
+from ..models import build_kwargs, create_model
 from ..models.frozen import CompiledInference, cast_if_it_agrees, fold_batchnorm
 from ..progress import log, new_progress
 from ..runtime import autocast_dtype, cpu_bf16_instructions, resolve_device, restore_rng_state, rng_state, seed_everything
@@ -90,7 +90,7 @@ def load_synthetic_images(path: Path) -> tuple[torch.Tensor, InputSpec]:
 
 
 class Stopwatch:
-    """Training time: wall time minus the time spent on test-set evaluation, which only observes."""
+    """Training time: wall time minus test-set evaluation (which only observes) and the writing of checkpoints."""
 
     def __init__(self, already: float = 0.0):
         self.started, self.already, self.excluded = time.perf_counter(), already, 0.0
@@ -192,9 +192,13 @@ class DistillRun:
         height, width = self._student_size(self.config)
         return replace(self.teacher_checkpoint.input_spec, height=height, width=width)
 
-    @staticmethod
-    def _student_size(config: DistillConfig) -> tuple[int, int]:
-        return tuple(config.student_input_size or default_input_size(config.student_arch))
+    def _student_size(self, config: DistillConfig) -> tuple[int, int]:
+        """The teacher's input size unless student_input_size asks for another: a student at its architecture's
+        design size instead would see every image resized (a 16 px teacher's student at 8 px, a 96 px teacher's at
+        224 px with 5x the MACs)."""
+        if config.student_input_size:
+            return tuple(config.student_input_size)
+        return self.teacher_checkpoint.input_spec.height, self.teacher_checkpoint.input_spec.width
 
     def _build_setup(self) -> Setup:
         config, teacher_ckpt = self.config, self.teacher_checkpoint
@@ -274,6 +278,7 @@ class DistillRun:
     def save_state(self, epoch: int, iteration: int, accumulators: dict, epoch_start: dict) -> None:
         """Rank 0's state, and the other ranks' random numbers and method states gathered into last.pt (a method's state
         can hold what one rank alone has, e.g. DFAD's replay memory); the ranks' losses so far as their mean."""
+        elapsed = self.stopwatch.seconds  # the training time up to here; the writes below are not training
         self.method.save_files(self.rank_folder)
         own = {"rng": rng_state(self.device), "method": self.method.state_dict()}
         ranks = gather_to_main(None if is_main() else tree_map(lambda v: v.cpu() if torch.is_tensor(v) else v, own))
@@ -285,7 +290,7 @@ class DistillRun:
             "world_size": world_size(), "student": self.student.state_dict(), "method": own["method"],
             "rng": own["rng"], "other_ranks": ranks[1:],
             "accumulators": {**{k: v for k, v in accumulators.items() if not torch.is_tensor(v)}, **losses},
-            "epoch_start": epoch_start, "teacher_accuracy": self.teacher_accuracy, "elapsed_s": self.stopwatch.seconds,
+            "epoch_start": epoch_start, "teacher_accuracy": self.teacher_accuracy, "elapsed_s": elapsed,
         }, self.last_path)
 
     def _read_state(self) -> dict:
@@ -403,7 +408,8 @@ class DistillRun:
                 self._check_finite(losses, epoch, iteration)
                 self.end_epoch(epoch + 1, iteration, losses, accumulators.get("images", 0), epoch_start)
                 epoch, iteration, accumulators, epoch_start = epoch + 1, 0, {}, {}
-                self.save_state(epoch, iteration, accumulators, epoch_start)
+                with self.stopwatch.excluding():  # writing checkpoints is not training: outside the budget
+                    self.save_state(epoch, iteration, accumulators, epoch_start)
                 if config.budget_minutes is not None:
                     progress_bar.advance(task)
         return broadcast_from_main(self._write_result(epoch) if is_main() else None)
@@ -463,8 +469,9 @@ class DistillRun:
         if warning:
             record["warning"] = warning
             log(f"[yellow]epoch {epoch}: {warning}[/]")
-        self._save_samples(epoch, images, teacher_logits)
-        self.save_artifacts(epoch, calibration_images)
+        with self.stopwatch.excluding():
+            self._save_samples(epoch, images, teacher_logits)
+            self.save_artifacts(epoch, calibration_images)
         if self.eval_source is not None and (epoch % config.eval_every == 0 or epoch == config.epochs):
             with self.stopwatch.excluding():
                 record["accuracy"] = self.evaluate(self.student, self.student_spec, "  eval")
