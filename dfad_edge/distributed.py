@@ -88,7 +88,11 @@ def torchrun_process_group(device_name: str) -> Iterator[None]:
         dist.init_process_group("nccl", timeout=COLLECTIVE_TIMEOUT, device_id=device)
     else:
         dist.init_process_group("gloo", timeout=COLLECTIVE_TIMEOUT)
-    watch = FailureWatch()
+    try:
+        watch = FailureWatch()
+    except BaseException:
+        dist.destroy_process_group()
+        raise
     try:
         yield
     except BaseException as error:
@@ -152,16 +156,22 @@ class FailureWatch:
             os._exit(1)  # the main thread is blocked in a collective that would wait for the failed rank
 
 
+def local_rank() -> int:
+    """This rank's index on its machine (torchrun's LOCAL_RANK); 0 in one process."""
+    return int(os.environ.get("LOCAL_RANK", 0)) if is_distributed() else 0
+
+
 @contextmanager
-def main_rank_first() -> Iterator[None]:
-    """Rank 0 runs the block before the others do (e.g. a download that the others then find on disk)."""
+def local_main_first() -> Iterator[None]:
+    """The first rank of each machine runs the block before the machine's other ranks do (e.g. a download into that
+    machine's data folder, which the others then find on disk)."""
     if not spans_ranks():
         yield
         return
-    if not is_main():
+    if local_rank() != 0:
         dist.barrier()
     yield
-    if is_main():
+    if local_rank() == 0:
         dist.barrier()
 
 

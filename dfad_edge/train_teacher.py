@@ -19,9 +19,9 @@ import torch.nn as nn
 
 from .checkpoint import SMALL_IMAGE_LIMIT, InputSpec, model_checkpoint, safe_torch_load
 from .data import make_loader, resolve_source
-from .distributed import (data_parallel, gather_to_main, host_floats_summed, is_distributed, is_main, main_rank_first,
-                          rank, rank_device, rank_share, refuse_another_world_size, shard_loader, shuffle_for_epoch,
-                          world_size)
+from .distributed import (data_parallel, gather_to_main, host_floats_summed, is_distributed, is_main, local_main_first,
+                          local_rank, rank, rank_device, rank_share, refuse_another_world_size, shard_loader,
+                          shuffle_for_epoch, world_size)
 from .errors import DfadError
 from .evaluate import loader_accuracy
 from .io import append_jsonl, atomic_torch_save, atomic_write_json
@@ -95,9 +95,9 @@ def train_teacher(config: TeacherConfig, out: Path, resume: bool = False) -> dic
         raise DfadError(f"--resume: no {last_path} to resume from")
     device = rank_device(resolve_device(config.device))
     seed_everything(config.seed)
-    with main_rank_first():  # one rank downloads; the others then find the files
+    with local_main_first():  # one rank per machine downloads; the others then find the files
         source = resolve_source(config.data, Path(config.data_dir) if config.data_dir else None,
-                                config.download and is_main())
+                                config.download and local_rank() == 0)
     if not source.has_split("train"):
         raise DfadError(f"data source '{config.data}' has no train split; train-teacher needs DIR/train/<class>/*")
     config, arch_note = _with_arch(config, source)

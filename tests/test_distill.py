@@ -462,9 +462,13 @@ def test_amp_auto_takes_the_faster_of_fp32_and_bf16_as_measured_and_caches_it(tm
     run = DistillRun(_tiny("dfad", epochs=1), digits_teacher, tmp_path / "xeon")
     assert (run.config.amp, run.amp_dtype, len(timed)) == ("off", None, 1)
     run.run()
-    resolved = json.loads((tmp_path / "xeon" / "config.json").read_text())["resolved"]
+    written = json.loads((tmp_path / "xeon" / "config.json").read_text())
+    resolved = written["resolved"]
     assert resolved["amp_choice"]["chosen"] == "fp32" and resolved["amp_choice"]["ms_per_step"] == {"fp32": 10.0, "bf16": 12.5}
+    assert written["amp"] == "auto"  # --config RUN/config.json on another machine measures there
     assert safe_torch_load(tmp_path / "xeon" / "last.pt")["config"]["amp"] == "off"  # a resumed run keeps it
+    resumed = DistillRun(_tiny("dfad", epochs=2), digits_teacher, tmp_path / "xeon", resume=True)
+    assert (resumed.config.amp, resumed.amp_choice["chosen"], len(timed)) == ("off", "fp32", 1)
     # The same machine, models and shapes again: the cached decision, no second measurement.
     again = DistillRun(_tiny("dfad", epochs=1), digits_teacher, tmp_path / "again")
     assert (again.config.amp, len(timed)) == ("off", 1) and "cached" in again.amp_choice

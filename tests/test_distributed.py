@@ -349,7 +349,7 @@ def _resolving_in_turn(teacher, folder) -> None:
     DistillRun(_tiny(), teacher, folder / "run", eval_data="digits", download=True)
 
 
-def test_one_rank_downloads_the_evaluation_data_and_the_others_wait_for_it(tmp_path, digits_teacher):
+def test_one_rank_per_machine_downloads_the_evaluation_data_and_the_others_wait_for_it(tmp_path, digits_teacher):
     on_two_ranks(_resolving_in_turn, digits_teacher, tmp_path)
     (start0, download0, end0), (start1, download1, end1) = (
         (tmp_path / f"resolve-rank{index}.txt").read_text().split() for index in range(RANKS))

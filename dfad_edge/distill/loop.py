@@ -31,8 +31,8 @@ from ..checkpoint import InputSpec, load_checkpoint, model_checkpoint, safe_torc
 from ..data import check_compatible, make_loader, resolve_source
 from ..data.unlabeled import refuse_evaluation_images
 from ..distributed import (broadcast_from_main, data_parallel, gather_to_main, host_floats_summed, is_distributed,
-                           is_main, main_rank_first, mean_over_ranks, on_main_only, rank, rank_device, refuse_another_world_size,
-                           split_across_ranks, world_size)
+                           is_main, local_main_first, local_rank, mean_over_ranks, on_main_only, rank, rank_device,
+                           refuse_another_world_size, split_across_ranks, world_size)
 from ..errors import DfadError
 from ..evaluate import loader_accuracy
 from ..io import append_jsonl, atomic_torch_save, atomic_write_json, atomic_write_text, run_folder_lock
@@ -50,6 +50,12 @@ STATE_FORMAT = "dfad-edge-distill-state/3"
 SYNTHETIC_FORMAT = "dfad-edge-synthetic/1"
 SYNTHETIC_IMAGES = 1024  # enough for INT8 calibration (512) and separate verification images
 AUTOCAST_BATCH = 64  # the largest batch --amp auto times (its speed ratio changes little above)
+
+
+class NonFiniteLoss(DfadError):
+    """A NaN or inf in the losses, which every rank sees as their mean and stops at together."""
+
+    every_rank_stops = True
 
 
 class RunInterrupted(DfadError):
@@ -117,6 +123,9 @@ class DistillRun:
         self.rank_folder = self.out if is_main() else self.out / "ranks" / f"rank{rank()}"
         if self.last_path.exists() and not resume:
             raise DfadError(f"{self.out} already holds a run: pass --resume to continue it, or choose a new --out")
+        # What --amp asked for ("auto" is written to config.json, so --config measures afresh on another machine) and
+        # how auto was decided.
+        self.requested_amp, self.amp_choice = (config.amp if config is not None else None), None  # None: resuming
         if resume:
             if not self.last_path.exists():
                 raise DfadError(f"--resume: no {self.last_path} to resume from")
@@ -124,17 +133,17 @@ class DistillRun:
             refuse_another_world_size(saved.get("world_size", 1), self.last_path)
             # The saved config wins: a resumed run must be the same run.
             config = DistillConfig.from_dict(saved["config"])
+            self.requested_amp, self.amp_choice = saved["amp_requested"], saved["amp_choice"]
         config.validate()
         method_options = split_across_ranks(config.options)
         self.device = rank_device(resolve_device(config.device))
         self.teacher_checkpoint = load_checkpoint(self.teacher_path)
-        self.amp_choice = None
         if config.amp == "auto":  # decided once; last.pt keeps the decision, so a resumed run is the same run
             config = self._decide_autocast(config, getattr(method_options, "batch_size", AUTOCAST_BATCH))
         self.config = config
         self.amp_dtype = autocast_dtype(self.device, config.amp)
-        with main_rank_first():  # one rank downloads; the others then find the files
-            self.eval_source = resolve_source(eval_data, data_dir, download and is_main()) if eval_data else None
+        with local_main_first():  # one rank per machine downloads; the others then find the files
+            self.eval_source = resolve_source(eval_data, data_dir, download and local_rank() == 0) if eval_data else None
         self.eval_data, self.data_dir = eval_data, data_dir
         if self.eval_source is not None:
             check_compatible(self.eval_source, self.teacher_checkpoint.input_spec,
@@ -287,6 +296,7 @@ class DistillRun:
             return
         atomic_torch_save({
             "format": STATE_FORMAT, "config": self.config.to_dict(), "epoch": epoch, "iteration": iteration,
+            "amp_requested": self.requested_amp, "amp_choice": self.amp_choice,
             "world_size": world_size(), "student": self.student.state_dict(), "method": own["method"],
             "rng": own["rng"], "other_ranks": ranks[1:],
             "accumulators": {**{k: v for k, v in accumulators.items() if not torch.is_tensor(v)}, **losses},
@@ -362,7 +372,7 @@ class DistillRun:
 
     def _write_config(self) -> None:
         atomic_write_json(self.out / "config.json", {
-            **self.config.to_dict(), "teacher": str(Path(self.teacher_path).resolve()), "eval_data": self.eval_data,
+            **self.config.to_dict(), "amp": self.requested_amp, "teacher": str(Path(self.teacher_path).resolve()), "eval_data": self.eval_data,
             "data_dir": str(Path(self.data_dir).resolve()) if self.data_dir else None,
             "resolved": {"device": str(self.device), "amp_dtype": str(self.amp_dtype), "amp_choice": self.amp_choice,
                          "cpu_bf16_instructions": cpu_bf16_instructions() if self.device.type == "cpu" else None,
@@ -439,7 +449,7 @@ class DistillRun:
         """Every rank sees the same mean losses, so a NaN on any rank stops them all."""
         bad = {k: v for k, v in losses.items() if not math.isfinite(v)}
         if bad:
-            raise DfadError(
+            raise NonFiniteLoss(
                 f"non-finite loss at epoch {epoch + 1}, by iteration {iteration} ({', '.join(f'{k}={v}' for k, v in bad.items())}); "
                 f"the last good checkpoint {self.last_path} is kept. Lower the learning rates (--set) or use --amp off.")
 
