@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from ..io import atomic_write_json
-from ..runtime import autocast, cpu_bf16_instructions, has_native_bf16
+from ..runtime import autocast, autocast_dtype
 
 WARMUP_STEPS = 2
 ROUNDS = 3
@@ -29,10 +29,8 @@ AMP_SETTING = {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 def autocast_candidates(device: torch.device) -> list[torch.dtype | None]:
-    """fp32 and the mixed-precision type this hardware runs natively, if any (fp16 on GPUs older than Ampere)."""
-    if device.type == "cpu":
-        return [None, torch.bfloat16] if cpu_bf16_instructions() else [None]
-    return [None, torch.bfloat16 if has_native_bf16(device) else torch.float16]
+    """fp32 and the mixed-precision type runtime.autocast_dtype picks from the hardware, if it picks one."""
+    return list(dict.fromkeys([None, autocast_dtype(device, "auto")]))
 
 
 def cache_file() -> Path:
