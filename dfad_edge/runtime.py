@@ -61,10 +61,24 @@ def grad_scaler(device: torch.device, dtype: torch.dtype | None) -> torch.amp.Gr
     return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
 
-def autocast(device: torch.device, dtype: torch.dtype | None):
+def autocast(device: torch.device, dtype: torch.dtype | None, override: bool = False):
+    """Autocast to ``dtype`` (None: fp32). ``override``: this region's choice holds inside another autocast region too
+    (the teacher's forwards in fp32 within a student step in bf16)."""
     if dtype is None:
-        return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, enabled=False) if override else contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """The most memory this process has held so far: on CUDA the tensors PyTorch allocated on the GPU, on a CPU the
+    process's peak resident set (what an out-of-memory killer counts)."""
+    if device.type == "cuda":
+        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return round(peak / (2**20 if sys.platform == "darwin" else 1024), 1)
 
 
 def seed_everything(seed: int) -> None:

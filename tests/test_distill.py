@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import signal
 import subprocess
@@ -141,6 +142,30 @@ def test_a_balanced_generator_for_1000_classes_is_not_called_collapsed():
     assert class_balance_loss(one_class) > class_balance_loss(torch.randn(8, 3) * 0.01)
 
 
+def test_the_pool_targets_every_class_in_turn_when_a_batch_has_fewer_images_than_classes(tmp_path, digits_teacher,
+                                                                                         monkeypatch):
+    from dfad_edge.distill import pool as pool_module
+
+    run = DistillRun(_tiny("pool", options={"batch_size": 4}), digits_teacher, tmp_path / "run")
+    targeted, real = [], pool_module.balanced_targets
+    monkeypatch.setattr(pool_module, "balanced_targets", lambda *args: targeted.append(real(*args)) or targeted[-1])
+    for _ in range(5):  # 2 classes per batch of 4 (each twice): 5 batches cover the 10 digits
+        run.method.synthesize_batch(0.5)
+    assert sorted(torch.cat([t[:2] for t in targeted]).tolist()) == list(range(10))
+    assert all(torch.equal(t[:2], t[2:]) for t in targeted)  # the mode-seeking pairs share a class
+
+
+def test_class_balance_is_met_by_a_batch_of_distinct_confident_classes_even_with_more_classes_than_images():
+    # 64 images of 64 different classes out of 1000: as balanced as 64 images can be. Against log(1000) the term
+    # would stay at 2.75 and reward making every image ambiguous (a uniform prediction) instead.
+    distinct = torch.full((64, 1000), -20.0)
+    distinct[torch.arange(64), torch.randperm(1000)[:64]] = 20.0
+    assert float(class_balance_loss(distinct)) == pytest.approx(0.0, abs=1e-4)
+    repeated = torch.full((64, 1000), -20.0)
+    repeated[torch.arange(64), torch.arange(64) % 8] = 20.0
+    assert float(class_balance_loss(repeated)) == pytest.approx(math.log(64) - math.log(8), abs=1e-3)
+
+
 @pytest.mark.parametrize("method", ["pool", "dfad", "prior"])
 def test_teacher_stays_frozen_in_eval_mode_and_the_generator_and_student_learn(tmp_path, digits_teacher, method):
     run = DistillRun(_tiny(method, options={"warmup": 0.0} if method == "pool" else {}), digits_teacher, tmp_path / "run")
@@ -178,10 +203,10 @@ def test_a_compiled_teacher_gives_the_eager_teacher_s_targets(tmp_path, digits_t
     compiled = run.setup.folded_teacher_forward
     assert isinstance(compiled, CompiledInference) and run.inference_teacher["compiled"]
     images = torch.randn(32, 1, 8, 8)
-    with torch.no_grad(), run.setup.autocast():  # as Setup.teacher_logits runs it
+    with torch.no_grad(), run.setup.teacher_autocast():  # as Setup.teacher_logits runs it
         assert torch.allclose(compiled(images).float(), compiled.module(images).float(), rtol=1e-2, atol=1e-2)
     assert compiled.compiled is not None  # it compiled (a failure falls back to eager for good)
-    with torch.enable_grad(), run.setup.autocast():  # the generator's steps need d logits / d images: eager
+    with torch.enable_grad(), run.setup.teacher_autocast():  # the generator's steps need d logits / d images: eager
         images.requires_grad_(True)
         compiled(images).float().sum().backward()
     assert images.grad is not None and images.grad.abs().sum() > 0
@@ -285,6 +310,50 @@ def test_a_stop_asked_for_while_an_epoch_ends_runs_no_further_iteration(tmp_path
     assert (state["epoch"], state["iteration"]) == (1, 0) and len(calls) == run.config.iters_per_epoch
 
 
+def test_checkpoints_wait_for_their_interval_but_the_last_epoch_and_a_stop_always_write(tmp_path, digits_teacher,
+                                                                                        monkeypatch):
+    # A 5-minute interval in a run of seconds: only the last epoch writes last.pt and the generator and calibration
+    # images; student.pt (small, the shipped model) follows every epoch.
+    writes = _run_writes(monkeypatch, DistillRun(_tiny("dfad", checkpoint_minutes=5.0), digits_teacher, tmp_path / "run"))
+    assert writes.count("last.pt") == 1 and writes.count("synthetic.pt") == 1 and writes.count("generator.pt") == 1
+    assert writes.count("student.pt") == 3 and writes[-2:] == ["last.pt", "result.json"]
+    assert safe_torch_load(tmp_path / "run" / "last.pt")["epoch"] == 3
+
+    stopped = DistillRun(_tiny("dfad", checkpoint_minutes=5.0), digits_teacher, tmp_path / "stopped")
+    real_iteration, calls = stopped.method.iteration, []
+
+    def iteration_then_sigterm(progress):
+        calls.append(1)
+        if len(calls) == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_iteration(progress)
+
+    monkeypatch.setattr(stopped.method, "iteration", iteration_then_sigterm)
+    with pytest.raises(RunInterrupted):
+        stopped.run()
+    state = safe_torch_load(tmp_path / "stopped" / "last.pt")
+    assert (state["epoch"], state["iteration"], len(calls)) == (1, 2, 5)
+    # A stop is a checkpoint: the images export calibrates on are there too.
+    assert (tmp_path / "stopped" / "synthetic.pt").is_file() and (tmp_path / "stopped" / "generator.pt").is_file()
+
+
+def test_a_budget_ends_the_run_when_spent_even_if_epochs_remain(tmp_path, digits_teacher, monkeypatch):
+    # Iterations far longer than an epoch's share of the budget (a 224-px model on a CPU): every epoch still runs one,
+    # so without this stop 50 epochs would run 50 iterations however long they take.
+    from dfad_edge.distill import loop
+
+    notes = []
+    monkeypatch.setattr(loop, "log", lambda text: notes.append(text))
+    config = _tiny("dfad", epochs=50, budget_minutes=0.01, checkpoint_minutes=5.0)
+    run = DistillRun(config, digits_teacher, tmp_path / "run", eval_data="digits")
+    real_iteration = run.method.iteration
+    monkeypatch.setattr(run.method, "iteration", lambda progress: time.sleep(0.25) or real_iteration(progress))
+    result = run.run()
+    assert 1 <= result["epochs_run"] < 50 and result["shipped"]["test_accuracy"] is not None  # the last one evaluated
+    assert safe_torch_load(tmp_path / "run" / "last.pt")["epoch"] == result["epochs_run"]
+    assert any(f"budget is spent after epoch {result['epochs_run']} of 50" in note for note in notes)
+
+
 def test_a_foreign_file_named_last_pt_is_refused_in_one_line(tmp_path, digits_teacher):
     (tmp_path / "run").mkdir()
     torch.save({"weights": torch.zeros(2)}, tmp_path / "run" / "last.pt")
@@ -358,7 +427,8 @@ def test_a_kill_at_any_write_of_a_checkpoint_resumes_to_the_same_student(tmp_pat
 def test_kill_9_loses_at_most_the_work_since_the_last_checkpoint(tmp_path, digits_teacher):
     out = tmp_path / "run"
     command = [sys.executable, "-m", "dfad_edge", "distill", "--teacher", str(digits_teacher), "--out", str(out),
-               "--device", "cpu", "--set", "epochs=40", "--set", "iters_per_epoch=2", "--set", "diagnostic_images=64"]
+               "--device", "cpu", "--set", "epochs=40", "--set", "iters_per_epoch=2", "--set", "diagnostic_images=64",
+               "--set", "checkpoint_minutes=0"]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and not (out / "last.pt").exists():
@@ -451,33 +521,69 @@ def test_milestones_past_the_last_epoch_are_refused_and_a_presets_move_with_its_
     assert config.options.milestones == () and "none (no drop)" in notes.pop()
 
 
+def _timings(teacher: dict, student: dict):
+    return lambda *args: {"teacher": teacher, "student": student}
+
+
 def test_amp_auto_takes_the_faster_of_fp32_and_bf16_as_measured_and_caches_it(tmp_path, digits_teacher, monkeypatch):
     from dfad_edge.distill import autocast_choice
 
     monkeypatch.setenv("DFAD_EDGE_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(autocast_choice, "autocast_candidates", lambda device: [None, torch.bfloat16])
     timed = []
-    # A Xeon without AMX: bf16 slower than fp32 (measured there: 178.8 against 223.7 images/s).
-    monkeypatch.setattr(autocast_choice, "measure", lambda *args: timed.append(1) or {"fp32": 10.0, "bf16": 12.5})
+    # A Xeon without AMX: bf16 slower than fp32 for both (measured there: 178.8 against 223.7 images/s).
+    slower = _timings({"fp32": 4.0, "bf16": 5.0}, {"fp32": 10.0, "bf16": 12.5})
+    monkeypatch.setattr(autocast_choice, "measure", lambda *args: timed.append(1) or slower())
     run = DistillRun(_tiny("dfad", epochs=1), digits_teacher, tmp_path / "xeon")
-    assert (run.config.amp, run.amp_dtype, len(timed)) == ("off", None, 1)
+    assert (run.config.amp, run.config.teacher_amp, run.amp_dtype, run.setup.teacher_amp_dtype, len(timed)) == \
+        ("off", "off", None, None, 1)
     run.run()
     written = json.loads((tmp_path / "xeon" / "config.json").read_text())
-    resolved = written["resolved"]
-    assert resolved["amp_choice"]["chosen"] == "fp32" and resolved["amp_choice"]["ms_per_step"] == {"fp32": 10.0, "bf16": 12.5}
-    assert written["amp"] == "auto"  # --config RUN/config.json on another machine measures there
+    choice = written["resolved"]["amp_choice"]
+    assert (choice["chosen"], choice["teacher"], choice["ms_per_step"]["student"]) == ("fp32", "fp32", {"fp32": 10.0, "bf16": 12.5})
+    assert (written["amp"], written["teacher_amp"]) == ("auto", "same")  # --config on another machine measures there
     assert safe_torch_load(tmp_path / "xeon" / "last.pt")["config"]["amp"] == "off"  # a resumed run keeps it
     resumed = DistillRun(_tiny("dfad", epochs=2), digits_teacher, tmp_path / "xeon", resume=True)
     assert (resumed.config.amp, resumed.amp_choice["chosen"], len(timed)) == ("off", "fp32", 1)
     # The same machine, models and shapes again: the cached decision, no second measurement.
     again = DistillRun(_tiny("dfad", epochs=1), digits_teacher, tmp_path / "again")
     assert (again.config.amp, len(timed)) == ("off", 1) and "cached" in again.amp_choice
-    # Where bf16 is faster (a Zen 4: 2.7x), it is taken; another workload is measured afresh.
-    monkeypatch.setattr(autocast_choice, "measure", lambda *args: timed.append(1) or {"fp32": 10.0, "bf16": 4.0})
+    # Where bf16 is faster for both (a Zen 4: 2.7x), it is taken; another workload is measured afresh.
+    faster = _timings({"fp32": 4.0, "bf16": 2.0}, {"fp32": 10.0, "bf16": 4.0})
+    monkeypatch.setattr(autocast_choice, "measure", lambda *args: timed.append(1) or faster())
     zen = DistillRun(_tiny("dfad", epochs=1, options={"batch_size": 16}), digits_teacher, tmp_path / "zen")
-    assert (zen.config.amp, zen.amp_dtype, len(timed)) == ("bf16", torch.bfloat16, 2)
+    assert (zen.config.amp, zen.amp_dtype, zen.setup.teacher_amp_dtype, len(timed)) == \
+        ("bf16", torch.bfloat16, torch.bfloat16, 2)
     # An explicit --amp is never second-guessed.
     assert DistillRun(_tiny("dfad", epochs=1, amp="off"), digits_teacher, tmp_path / "asked").amp_choice is None
+
+
+def test_amp_auto_can_run_the_teacher_in_bf16_and_train_the_student_in_fp32(tmp_path, digits_teacher, monkeypatch):
+    # As measured on a Xeon with AMX at 224 px: a ResNet-18 teacher's forward 2.4x faster in bf16, a MobileNetV3
+    # student's step slower.
+    from dfad_edge.distill import autocast_choice
+
+    monkeypatch.setenv("DFAD_EDGE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(autocast_choice, "autocast_candidates", lambda device: [None, torch.bfloat16])
+    monkeypatch.setattr(autocast_choice, "measure", _timings({"fp32": 4.2, "bf16": 1.8}, {"fp32": 7.1, "bf16": 9.8}))
+    run = DistillRun(_tiny("prior", epochs=1), digits_teacher, tmp_path / "split")
+    setup = run.setup
+    assert (run.config.amp, run.config.teacher_amp, setup.amp_dtype, setup.teacher_amp_dtype) == \
+        ("off", "bf16", None, torch.bfloat16)
+    run.run()
+    assert json.loads((tmp_path / "split" / "config.json").read_text())["resolved"]["teacher_amp_dtype"] == "torch.bfloat16"
+    # The teacher's type holds inside the student's autocast region either way round.
+    other = DistillRun(_tiny("prior", epochs=1, amp="bf16", teacher_amp="off"), digits_teacher, tmp_path / "other")
+    for case in (run, other):
+        images, seen = case.method.student_batch(), []
+        real = case.setup.folded_teacher_forward
+        case.setup.folded_teacher_forward = lambda x: seen.append(torch.get_autocast_dtype("cpu")
+                                                                  if torch.is_autocast_enabled("cpu") else None) or real(x)
+        with case.setup.autocast():
+            case.setup.teacher_logits(images)
+        assert seen == [case.setup.teacher_amp_dtype]
+    # A method whose images come out of the student's bf16 region into a teacher in fp32 (the pool's generator).
+    DistillRun(_tiny("pool", epochs=1, amp="bf16", teacher_amp="off"), digits_teacher, tmp_path / "pool").run()
 
 
 def test_budget_and_help_are_understood(tmp_path, digits_teacher):

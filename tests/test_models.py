@@ -68,17 +68,31 @@ def test_generator_makes_standardised_images_of_the_asked_shape(img_size, channe
     assert torch.allclose(per_channel.mean(1), torch.zeros(channels), atol=1e-4)
     assert torch.allclose(per_channel.std(1), torch.ones(channels), atol=1e-2)
     with pytest.raises(DfadError):
-        create_model("generator_a", img_size=30)
+        create_model("generator_a", img_size=3)
 
 
-@pytest.mark.parametrize("arch,img_size", [("generator_a", 32), ("generator_a", 8), ("generator_pixels", 30)])
+@pytest.mark.parametrize("arch", ["generator_a", "generator_pixels"])
+def test_generators_for_large_images_start_small_and_stay_a_few_million_parameters(arch):
+    # Scaling the 32-px design (Linear to a quarter-size map) gave 103 M parameters at 224 px.
+    for img_size, first_map in ((224, 7), (96, 6), (100, 7)):
+        generator = create_model(arch, nz=256, ngf=64, img_size=img_size, channels=3).train()
+        assert generator.init_size == first_map
+        assert sum(p.numel() for p in generator.parameters()) < 3_000_000
+        assert generator(torch.randn(2, 256)).shape == (2, 3, img_size, img_size)
+    # Up to 64 px the design is DFAD's: 8x8 at 32 px, two stages, 2ngf -> 2ngf -> ngf channels.
+    small = create_model(arch, nz=256, ngf=64, img_size=32, channels=3)
+    assert (small.init_size, small.stages, small.to_image.in_channels) == (8, 2, 64)
+
+
+@pytest.mark.parametrize("arch,img_size", [("generator_a", 32), ("generator_a", 8), ("generator_pixels", 30),
+                                          ("generator_a", 100)])
 def test_generators_upsample_as_one_transposed_convolution_with_the_values_and_gradients_as_written(arch, img_size):
     from dfad_edge.models.generator import UpsampleConv2d
 
     generator = create_model(arch, nz=16, ngf=8, img_size=img_size, channels=3).double().train()
     as_written = copy.deepcopy(generator)
     layers = [m for m in as_written.modules() if isinstance(m, UpsampleConv2d)]
-    assert len(layers) == 2
+    assert len(layers) == generator.stages
     for layer in layers:
         layer.subpixel = False  # nearest x2 upsampling, then the 3x3 convolution
     z = torch.randn(6, 16, dtype=torch.double)

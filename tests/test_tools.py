@@ -83,5 +83,9 @@ def test_gpu_check_plumbing_runs_on_a_cpu_and_says_which_steps_need_a_gpu(tmp_pa
     assert summary["figures"]["distill-bf16"]["test_top1"] > 0.2  # the smoke student learnt something
     assert any(row["backend"] == "onnxruntime" and not row["skipped"] for row in summary["figures"]["bench"])
     assert (tmp_path / "check" / "distill_throughput.json").is_file()  # in the check's folder, not the repository's
+    # The ImageNet-size recipe ran every step with the large-image defaults (a 72-px teacher is one by size).
+    recipe = tmp_path / "check" / "imagenet-recipe-smoke"
+    assert json.loads((recipe / "distill" / "config.json").read_text())["preset"] == "large"
+    assert (recipe / "bench" / "report.json").is_file()
     markdown = (tmp_path / "check" / "gpu_check.md").read_text()
     assert "needs a CUDA GPU" in markdown and "| skipped |" in markdown

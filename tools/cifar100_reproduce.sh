@@ -15,15 +15,17 @@ set -euo pipefail
 ROOT=${1:-runs/cifar100}
 DATA=${DATA:-cifar100}                  # or cifar10, digits, or an ImageFolder root with train/ and test/
 TEACHER_ARCH=${TEACHER_ARCH:-resnet34_8x}
+TEACHER_SIZE=${TEACHER_SIZE:-}          # HxW to train the teacher at (default: the architecture's)
 STUDENT=${STUDENT:-resnet18_8x}       # the DFKD literature's CIFAR student for a ResNet-34 teacher
 DEVICE=${DEVICE:-cuda}
 MEAN=${MEAN:-0.5071,0.4865,0.4409}      # CIFAR-100 training statistics, for an imported teacher; check yours
 STD=${STD:-0.2673,0.2564,0.2762}
 DATA_DIR="$ROOT/data"
 TEACHER_BUDGET="--epochs 200 --batch-size 128"
-METHOD=${METHOD:-auto}                  # dfad or pool; auto: the default for the teacher's kind of data
+METHOD=${METHOD:-auto}                  # dfad, pool or prior; auto: the default for the teacher's kind of data
+# IMAGES: unlabeled images for the prior method (a file, folder or glob, passed as one argument)
 DISTILL_BUDGET=${DISTILL_BUDGET:---budget 4h}  # the schedule is planned to end then (the presets are sized for a CPU)
-EXPORT_BUDGET="--max-batch 256"
+EXPORT_BUDGET=${EXPORT_BUDGET:---max-batch 256}
 BENCH_BUDGET="--batch-sizes 1,32,256"
 if [ -n "${SMOKE:-}" ]; then
   TEACHER_BUDGET="--epochs 1 --batch-size 64"
@@ -40,6 +42,7 @@ if [ ! -f "$ROOT/teacher/teacher.pt" ]; then
     dfad-edge import "$TEACHER_CKPT" --arch "$TEACHER_ARCH" --mean "$MEAN" --std "$STD" --out "$ROOT/teacher/teacher.pt"
   else
     dfad-edge train-teacher --data "$DATA" --data-dir "$DATA_DIR" --download --arch "$TEACHER_ARCH" $TEACHER_BUDGET \
+      ${TEACHER_SIZE:+--input-size "$TEACHER_SIZE"} \
       --lr 0.1 --device "$DEVICE" --out "$ROOT/teacher" $( [ -f "$ROOT/teacher/last.pt" ] && echo --resume )
   fi
 fi
@@ -56,7 +59,7 @@ if [ ! -f "$RUN/result.json" ]; then
     dfad-edge distill --out "$RUN" --eval-data "$DATA" --data-dir "$DATA_DIR" --device "$DEVICE" --resume
   else
     dfad-edge distill --teacher "$ROOT/teacher/teacher.pt" --out "$RUN" $METHOD_ARGS --eval-data "$DATA" \
-      --data-dir "$DATA_DIR" --device "$DEVICE" $DISTILL_BUDGET
+      --data-dir "$DATA_DIR" --device "$DEVICE" $DISTILL_BUDGET ${IMAGES:+--images "$IMAGES"}
   fi
 fi
 

@@ -6,8 +6,8 @@
 Steps: environment; a teacher (the shared CIFAR-10 ResNet-56 when its weights and the JPEG copy of CIFAR-10 are
 carried in .gpu/, else a digits teacher trained here); distillation with bf16, with fp16 and gradient scaling, and
 with torch.compile; export of student and teacher (ONNX, FP16, INT8, TensorRT engines where TensorRT is installed);
-bench with PyTorch CUDA, ONNX Runtime CUDA and TensorRT rows (CUDA-event compute times); the distillation
-throughput benchmark. Writes OUT/gpu_check.json and OUT/gpu_check.md. A step that needs a GPU says so when there is
+bench with PyTorch CUDA, ONNX Runtime CUDA and TensorRT rows (CUDA-event compute times); the ImageNet-size recipe in
+its smoke form; the distillation throughput benchmark. Writes OUT/gpu_check.json and OUT/gpu_check.md. A step that needs a GPU says so when there is
 none, and a failing step is recorded with its error, never hiding the others.
 """
 
@@ -31,8 +31,10 @@ class Check:
         self.out, self.device, self.smoke = out, device, smoke
         self.steps: list[dict] = []
 
-    def run(self, name: str, args: list[str], needs_gpu: bool = False, timeout: int = 900) -> bool:
-        """One dfad-edge (or python) command; its outcome, time and the tail of its output go into the summary."""
+    def run(self, name: str, args: list[str], needs_gpu: bool = False, timeout: int = 900,
+            env: dict | None = None) -> bool:
+        """One dfad-edge (or other) command, with ``env`` added to the environment; its outcome, time and the tail of
+        its output go into the summary."""
         if needs_gpu and self.device == "cpu":
             self.steps.append({"step": name, "status": "skipped", "why": "needs a CUDA GPU (ran with --device cpu)"})
             return False
@@ -40,7 +42,7 @@ class Check:
         command = [str(a) for a in args]
         try:
             result = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
-                                    env={**os.environ, "DFAD_EDGE_QUIET": "1"})
+                                    env={**os.environ, "DFAD_EDGE_QUIET": "1", **(env or {})})
             status = "ok" if result.returncode == 0 else "failed"
             tail = (result.stdout + result.stderr).strip().splitlines()[-12:]
         except subprocess.TimeoutExpired:
@@ -104,6 +106,11 @@ def export_and_bench(check: Check, teacher: Path, data: str, run: Path) -> None:
     check.run("bench: PyTorch, ONNX Runtime and TensorRT rows" + (" (CUDA-event compute times)" if tensorrt else ""),
               dfad_edge("bench", "--teacher", check.out / "export-teacher", "--student", check.out / "export-student",
                         "--data", data, "--out", check.out / "bench", "--device", check.device, *iterations))
+    # The recipe calls dfad-edge and python from PATH: this interpreter's first, as the other steps use it.
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    check.run("ImageNet-size recipe (tools/imagenet_recipe.sh), smoke form",
+              ["bash", REPO / "tools" / "imagenet_recipe.sh", check.out / "imagenet-recipe-smoke"],
+              env={"SMOKE": "1", "DEVICE": check.device, "PATH": path})
     check.run("distillation throughput benchmark", [sys.executable, REPO / "benchmarks" / "distill_throughput.py",
               "--device", check.device, "--iterations", "1" if check.smoke else "3",
               "--rounds", "1" if check.smoke else "3", "--batch-size", "16" if check.smoke else "128",

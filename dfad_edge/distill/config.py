@@ -35,13 +35,20 @@ class DistillConfig:
     budget_minutes: float | None = option(None, "train for this long; the schedule is planned to end then", above=0)
     seed: int = option(0, "seed of every random number in the run", min=0)
     device: str = option("auto", "auto, cpu or cuda[:N]")
-    amp: str = option("auto", "mixed precision: auto times fp32 against the hardware's native type (bf16; fp16 on "
-                      "older GPUs) at start-up and takes the faster (cached per machine and models)",
+    amp: str = option("auto", "mixed precision of the student and generator: auto times fp32 against the hardware's "
+                      "native type (bf16; fp16 on older GPUs) at start-up, for the student and the teacher apart, and "
+                      "takes each one's faster (cached per machine and models)",
                       choices=("auto", "off", "bf16", "fp16"))
+    teacher_amp: str = option("same", "precision of the teacher's folded forwards (the students' targets): same as "
+                              "amp, or off, bf16, fp16; amp=auto times the teacher apart and sets it (unless given)",
+                              choices=("same", "off", "bf16", "fp16"))
     channels_last: bool = option(True, "NHWC memory format (faster convolutions on CUDA and x86)")
     compile: bool = option(False, "torch.compile the student and teacher")
     compile_teacher: bool = option(True, "torch.compile the frozen teacher's forwards without gradients (a few seconds "
                                    "per input shape; pays off in runs of minutes)")
+    checkpoint_minutes: float = option(5.0, "training minutes between writes of last.pt, generator.pt and synthetic.pt "
+                                       "(at an epoch's end; the last epoch and a stop always write; 0: every epoch)",
+                                       min=0)
     eval_every: int = option(1, "epochs between test-set evaluations (with --eval-data; observed only)", min=1)
     diagnostic_images: int = option(512, "synthetic images for the collapse diagnostics each epoch", min=2)
     sample_images: int = option(64, "images in each epoch's sample grid", min=1)
@@ -97,6 +104,14 @@ def _measured_pool(**changes) -> PoolOptions:
                           **changes})
 
 
+def _large(config: DistillConfig) -> DistillConfig:
+    """What every large-image preset shares. 20 epochs: at 224 px an epoch's end (diagnostics through the teacher, the
+    student's file) costs seconds, so 100 epochs of a 30-minute budget would spend minutes there; 256 diagnostic images
+    for the same reason. Memory at batch 64 and 224 px: docs/results.md ("Large images")."""
+    return replace(config, student_arch="torchvision.mobilenet_v3_small", epochs=20, iters_per_epoch=20,
+                   diagnostic_images=256)
+
+
 # The tiny presets run for seconds (digits: ~30 s), where compiling the teacher (~3 s) costs more than it saves. Their
 # 24 epochs (12 before) were chosen on CIFAR-10 at 16 px, a tiny-kind data set no preset was tuned on: +0.9 to 1.0
 # points on each of 3 seeds (docs/results.md, "Choosing the default").
@@ -119,24 +134,28 @@ PRESETS: dict[str, dict[str, DistillConfig]] = {
                                options=_measured_pool()),
         "tiny": DistillConfig(preset="tiny", student_arch="digits_cnn_medium", epochs=24, iters_per_epoch=20,
                               compile_teacher=False, options=_measured_pool(nz=64, ngf=32)),
-        "large": DistillConfig(preset="large", student_arch="torchvision.mobilenet_v3_small", epochs=100,
-                               iters_per_epoch=20, options=_measured_pool(batch_size=64, student_batch=64, pool_size=20000)),
+        "large": _large(DistillConfig(preset="large", options=_measured_pool(batch_size=64, student_batch=64,
+                                                                              pool_size=4096))),
     },
 }
-PRESETS["dfad"]["large"] = _dfad(preset="large", student_arch="torchvision.mobilenet_v3_small")
+PRESETS["dfad"]["large"] = _large(replace(
+    _dfad(preset="large"), options=DfadOptions(batch_size=64, scheduler="cosine", bn_stats=10.0, class_balance=1.0,
+                                               replay_size=2048)))
 PRESETS["prior"] = {
     "small": DistillConfig(method="prior", preset="small", student_arch="resnet20", epochs=26, iters_per_epoch=20,
                            options=PriorOptions()),
     "tiny": DistillConfig(method="prior", preset="tiny", student_arch="digits_cnn_medium", epochs=24, iters_per_epoch=20,
                           compile_teacher=False, options=PriorOptions(nz=64, ngf=32, batch_size=128, generator_fraction=0.5)),
-    "large": DistillConfig(method="prior", preset="large", student_arch="torchvision.mobilenet_v3_small", epochs=100,
-                           iters_per_epoch=20, options=PriorOptions(batch_size=64)),
+    # No generator: at 224 px its step (through the teacher's BatchNorm layers, forward and backward) costs more than
+    # the student's five, and the paper distils ImageNet teachers from crops alone.
+    "large": _large(DistillConfig(method="prior", preset="large", options=PriorOptions(batch_size=64,
+                                                                                       generator_fraction=0.0))),
 }
 # The method ``--method auto`` picks for each kind of data: the one that measured better at the same budget
 # (docs/results.md, "Choosing the default"): on tiny images the image prior (digits 98.44% against 97.71%, CIFAR-10 at
-# 16 px 53.5% against 48.5%, 3 seeds each), on small ones dfad (CIFAR-10, 30 minutes: 65.6% against 52.6%); large
-# images were not measured and follow the small ones.
-DEFAULT_METHOD = {"tiny": "prior", "small": "dfad", "large": "dfad"}
+# 16 px 53.5% against 48.5%, 3 seeds each), on small ones dfad (CIFAR-10, 30 minutes: 65.6% against 52.6%), on large
+# ones the image prior (docs/results.md, "Large images").
+DEFAULT_METHOD = {"tiny": "prior", "small": "dfad", "large": "prior"}
 
 
 def teacher_kind(input_height: int) -> str:

@@ -39,14 +39,15 @@ from ..io import append_jsonl, atomic_torch_save, atomic_write_json, atomic_writ
 from ..models import build_kwargs, create_model
 from ..models.frozen import CompiledInference, cast_if_it_agrees, fold_batchnorm
 from ..progress import log, new_progress
-from ..runtime import autocast_dtype, cpu_bf16_instructions, resolve_device, restore_rng_state, rng_state, seed_everything
+from ..runtime import (autocast_dtype, cpu_bf16_instructions, peak_memory_mb, resolve_device, restore_rng_state, rng_state,
+                       seed_everything)
 from .config import DistillConfig
 from .diagnostics import collapse_diagnostics, collapse_warning
 from .autocast_choice import choose_autocast
 from .method import DistillMethod, Setup, method_class
 from .samples import save_sample_grid
 
-STATE_FORMAT = "dfad-edge-distill-state/3"
+STATE_FORMAT = "dfad-edge-distill-state/4"
 SYNTHETIC_FORMAT = "dfad-edge-synthetic/1"
 SYNTHETIC_IMAGES = 1024  # enough for INT8 calibration (512) and separate verification images
 AUTOCAST_BATCH = 64  # the largest batch --amp auto times (its speed ratio changes little above)
@@ -125,7 +126,8 @@ class DistillRun:
             raise DfadError(f"{self.out} already holds a run: pass --resume to continue it, or choose a new --out")
         # What --amp asked for ("auto" is written to config.json, so --config measures afresh on another machine) and
         # how auto was decided.
-        self.requested_amp, self.amp_choice = (config.amp if config is not None else None), None  # None: resuming
+        self.requested_amp = {"amp": config.amp, "teacher_amp": config.teacher_amp} if config is not None else None
+        self.amp_choice = None
         if resume:
             if not self.last_path.exists():
                 raise DfadError(f"--resume: no {self.last_path} to resume from")
@@ -142,6 +144,8 @@ class DistillRun:
             config = self._decide_autocast(config, getattr(method_options, "batch_size", AUTOCAST_BATCH))
         self.config = config
         self.amp_dtype = autocast_dtype(self.device, config.amp)
+        self.teacher_amp_dtype = (self.amp_dtype if config.teacher_amp == "same"
+                                  else autocast_dtype(self.device, config.teacher_amp))
         with local_main_first():  # one rank per machine downloads; the others then find the files
             self.eval_source = resolve_source(eval_data, data_dir, download and local_rank() == 0) if eval_data else None
         self.eval_data, self.data_dir = eval_data, data_dir
@@ -178,10 +182,12 @@ class DistillRun:
                         "input": list(spec.shape), "batch": batch, "channels_last": config.channels_last}
             decision = choose_autocast(teacher, student, images, workload)
             del teacher, student
-        setting, self.amp_choice = broadcast_from_main(decision)
-        log(f"--amp auto: {self.amp_choice['chosen']} ({self.amp_choice.get('ms_per_step') or self.amp_choice['why']}"
-            f"{', cached' if 'cached' in self.amp_choice else ''})")
-        return replace(config, amp=setting)
+        amp, teacher_amp, self.amp_choice = broadcast_from_main(decision)
+        teacher_amp = teacher_amp if config.teacher_amp == "same" else config.teacher_amp  # asked for: kept
+        choice = self.amp_choice
+        log(f"--amp auto: student {choice['chosen']}, teacher {choice['teacher']} "
+            f"({choice.get('ms_per_step') or choice['why']}{', cached' if 'cached' in choice else ''})")
+        return replace(config, amp=amp, teacher_amp=teacher_amp)
 
     def _refuse_evaluation_sources(self) -> None:
         """Images the method learns from must not be the test set it is evaluated on."""
@@ -234,12 +240,13 @@ class DistillRun:
             teacher=teacher, student=self.student,
             student_forward=data_parallel(self.student, self.device, config.compile),
             teacher_forward=teacher_forward, folded_teacher_forward=folded_forward,
-            device=self.device, amp_dtype=self.amp_dtype, channels_last=config.channels_last,
+            device=self.device, amp_dtype=self.amp_dtype, teacher_amp_dtype=self.teacher_amp_dtype,
+            channels_last=config.channels_last,
             num_classes=self.num_classes, student_spec=self.student_spec,
             teacher_size=teacher_size if teacher_size != (height, width) else None, epochs=config.epochs)
 
     def _build_inference_teacher(self, teacher: nn.Module, size: tuple[int, int]) -> nn.Module:
-        """The teacher with BatchNorm folded into its convolutions and their weights in the autocast type, for every
+        """The teacher with BatchNorm folded into its convolutions and their weights in its autocast type, for every
         forward that BN-statistics hooks do not watch (Setup.teacher_logits runs it under autocast); folding is checked
         against the teacher on a random batch (the original is used where folding is impossible)."""
         channels = self.teacher_checkpoint.input_spec.shape[0]
@@ -251,9 +258,9 @@ class DistillRun:
             return teacher  # not copied: casting its weights would change what the hooked forwards compute
         if self.config.channels_last:
             folded.module.to(memory_format=torch.channels_last)
-        if self.amp_dtype is None:
+        if self.teacher_amp_dtype is None:
             return folded.module
-        inference = cast_if_it_agrees(teacher, folded.module, example, self.amp_dtype)
+        inference = cast_if_it_agrees(teacher, folded.module, example, self.teacher_amp_dtype)
         self.inference_teacher["weights_in_autocast_type"] = inference is not folded.module
         return inference
 
@@ -268,12 +275,15 @@ class DistillRun:
         model.train(model is self.student)
         return accuracy
 
-    def save_artifacts(self, epoch: int, calibration_images: torch.Tensor) -> None:
-        """The shipped student (this epoch's), its generator and synthetic images for data-free calibration. Nothing
-        here depends on evaluation: a run with and without --eval-data writes the same files."""
+    def save_student(self, epoch: int) -> None:
+        """The shipped student, this epoch's: written every epoch (it is small), so a stopped run ships its last epoch.
+        Nothing here depends on evaluation: a run with and without --eval-data writes the same file."""
         model_checkpoint(self.student, self.config.student_arch, self.student_kwargs, self.num_classes, self.student_spec,
                          self.teacher_checkpoint.class_names, "distill", teacher=str(self.teacher_path), epoch=epoch,
                          method=self.config.method, preset=self.config.preset).save(self.out / "student.pt")
+
+    def save_artifacts(self, epoch: int, calibration_images: torch.Tensor) -> None:
+        """The generator and synthetic images for data-free calibration, at each checkpoint."""
         common = {"input_spec": vars(self.student_spec), "teacher": str(self.teacher_path), "epoch": epoch,
                   "dfad_edge_version": __version__}
         generator = self.method.generator_artifact()
@@ -284,13 +294,42 @@ class DistillRun:
                            **common}, self.out / "synthetic.pt")
 
     # --- checkpoints -----------------------------------------------------------------------------------------
-    def save_state(self, epoch: int, iteration: int, accumulators: dict, epoch_start: dict) -> None:
-        """Rank 0's state, and the other ranks' random numbers and method states gathered into last.pt (a method's state
-        can hold what one rank alone has, e.g. DFAD's replay memory); the ranks' losses so far as their mean."""
-        elapsed = self.stopwatch.seconds  # the training time up to here; the writes below are not training
+    def checkpoint_due(self, seconds: float) -> bool:
+        """Once ``checkpoint_minutes`` of training passed since the last checkpoint (and always at the last epoch): at
+        224 px a checkpoint is gigabytes (DFAD's replay memory, the pool), too much to write every epoch. ``seconds`` is
+        rank 0's clock as every rank agreed on it, so the ranks decide alike."""
+        return seconds - self.last_checkpoint_s >= 60 * self.config.checkpoint_minutes
+
+    def budget_spent(self, epoch: int, seconds: float) -> bool:
+        """With a budget, whether the training time is used up before the planned epochs are: each epoch runs at least
+        one iteration, so a model whose iteration outlasts an epoch's share would otherwise run for hours past it."""
+        budget = self.config.budget_minutes
+        if budget is None or seconds < 60 * budget:
+            return False
+        log(f"[yellow]the {budget:g}-minute budget is spent after epoch {epoch + 1} of {self.config.epochs} (an "
+            "iteration takes longer than an epoch's share): the run ends here[/] (--set epochs=N with fewer epochs "
+            "gives each a longer share)")
+        return True
+
+    def save_checkpoint(self, epoch: int, iteration: int, accumulators: dict, epoch_start: dict, seconds: float) -> None:
+        """generator.pt, synthetic.pt and last.pt (with the method's own files), outside the time budget."""
+        elapsed = self.stopwatch.seconds  # the training time up to here; what follows is not training
+        with self.stopwatch.excluding():
+            # On every rank: a method may synchronise BatchNorm layers across ranks while it makes these.
+            calibration_images = self.method.calibration_images(SYNTHETIC_IMAGES, seed=self.config.seed + 2)
+            if is_main():
+                self.save_artifacts(epoch, calibration_images)
+            self.save_state(epoch, iteration, accumulators, epoch_start, elapsed)
+        self.last_checkpoint_s = seconds
+
+    def save_state(self, epoch: int, iteration: int, accumulators: dict, epoch_start: dict, elapsed: float) -> None:
+        """Rank 0's state, and what differs on the other ranks gathered into last.pt: their random numbers and the part
+        of the method's state each rank has for itself (e.g. DFAD's replay memory); the ranks' losses so far as their
+        mean. ``elapsed``: the training time up to the checkpoint."""
         self.method.save_files(self.rank_folder)
         own = {"rng": rng_state(self.device), "method": self.method.state_dict()}
-        ranks = gather_to_main(None if is_main() else tree_map(lambda v: v.cpu() if torch.is_tensor(v) else v, own))
+        local = {"rng": own["rng"], "method": {key: own["method"][key] for key in self.method.rank_local_state}}
+        ranks = gather_to_main(None if is_main() else tree_map(lambda v: v.cpu() if torch.is_tensor(v) else v, local))
         losses = self._mean_losses(accumulators)
         if not is_main():
             return
@@ -315,7 +354,7 @@ class DistillRun:
         state = self._read_state()
         own = state if is_main() else state["other_ranks"][rank() - 1]
         self.student.load_state_dict(state["student"])
-        self.method.load_state_dict(own["method"], self.rank_folder)
+        self.method.load_state_dict({**state["method"], **own["method"]}, self.rank_folder)
         restore_rng_state(own["rng"], self.device)
         self.teacher_accuracy = state["teacher_accuracy"]
         self.stopwatch = Stopwatch(state["elapsed_s"])
@@ -358,8 +397,10 @@ class DistillRun:
         self.teacher_accuracy, self.stopwatch = None, Stopwatch()
         if self.resume:
             epoch, iteration, accumulators, epoch_start = self.load_state()
+            self.last_checkpoint_s = self.stopwatch.seconds
             log(f"resuming {self.out} at epoch {epoch + 1}, iteration {iteration}")
             return epoch, iteration, accumulators, epoch_start
+        self.last_checkpoint_s = 0.0
         if not is_main():  # the metrics file and the teacher's accuracy are rank 0's
             return 0, 0, {}, {}
         (self.out / "metrics.jsonl").unlink(missing_ok=True)
@@ -372,9 +413,10 @@ class DistillRun:
 
     def _write_config(self) -> None:
         atomic_write_json(self.out / "config.json", {
-            **self.config.to_dict(), "amp": self.requested_amp, "teacher": str(Path(self.teacher_path).resolve()), "eval_data": self.eval_data,
+            **self.config.to_dict(), **self.requested_amp, "teacher": str(Path(self.teacher_path).resolve()), "eval_data": self.eval_data,
             "data_dir": str(Path(self.data_dir).resolve()) if self.data_dir else None,
-            "resolved": {"device": str(self.device), "amp_dtype": str(self.amp_dtype), "amp_choice": self.amp_choice,
+            "resolved": {"device": str(self.device), "amp_dtype": str(self.amp_dtype),
+                         "teacher_amp_dtype": str(self.teacher_amp_dtype), "amp_choice": self.amp_choice,
                          "cpu_bf16_instructions": cpu_bf16_instructions() if self.device.type == "cpu" else None,
                          "student_input": list(self.student_spec.shape), "dfad_edge_version": __version__,
                          "world_size": world_size(), "rank_seeds": self.rank_seeds(),
@@ -390,14 +432,16 @@ class DistillRun:
             task = progress_bar.add_task("distill", total=total, status="",
                                          completed=epoch if config.budget_minutes is not None else
                                          epoch * config.iters_per_epoch + iteration)
-            while epoch < config.epochs:
+            # A resumed run whose budget was spent before its planned epochs (budget_spent) is over.
+            spent = config.budget_minutes is not None and self.stopwatch.seconds >= 60 * config.budget_minutes
+            while epoch < config.epochs and not spent:
                 epoch_start = epoch_start or {"elapsed_s": self.stopwatch.seconds}
                 while True:
                     # Asked before every iteration, the first of an epoch included: a stop requested while the last
                     # epoch ended (evaluation, checkpoints) ends the run there, without one more iteration.
                     seconds, stop = self._agree(stop_requested)
                     if stop:
-                        self.save_state(epoch, iteration, accumulators, epoch_start)
+                        self.save_checkpoint(epoch, iteration, accumulators, epoch_start, seconds)
                         raise RunInterrupted(f"interrupted at epoch {epoch + 1}, iteration {iteration}; state saved to "
                                              f"{self.last_path}. Continue with: {self._resume_command()}")
                     if self.epoch_done(epoch, iteration, seconds):
@@ -416,10 +460,13 @@ class DistillRun:
                         progress_bar.advance(task)
                 losses = self._mean_losses(accumulators)
                 self._check_finite(losses, epoch, iteration)
-                self.end_epoch(epoch + 1, iteration, losses, accumulators.get("images", 0), epoch_start)
+                final = epoch + 1 >= config.epochs or self.budget_spent(epoch, seconds)
+                self.end_epoch(epoch + 1, iteration, losses, accumulators.get("images", 0), epoch_start, final)
                 epoch, iteration, accumulators, epoch_start = epoch + 1, 0, {}, {}
-                with self.stopwatch.excluding():  # writing checkpoints is not training: outside the budget
-                    self.save_state(epoch, iteration, accumulators, epoch_start)
+                if final or self.checkpoint_due(seconds):
+                    self.save_checkpoint(epoch, iteration, accumulators, epoch_start, seconds)
+                if final:
+                    break
                 if config.budget_minutes is not None:
                     progress_bar.advance(task)
         return broadcast_from_main(self._write_result(epoch) if is_main() else None)
@@ -458,7 +505,7 @@ class DistillRun:
         return f"student loss {student:.3f}"
 
     def end_epoch(self, epoch: int, iterations: int, losses: dict[str, float], images_seen: int,
-                  epoch_start: dict) -> None:
+                  epoch_start: dict, final: bool = False) -> None:
         """``losses``: the epoch's loss sums (mean over ranks); ``images_seen``: this rank's count (every rank's equal)."""
         config = self.config
         seconds = self.stopwatch.seconds - epoch_start["elapsed_s"]
@@ -466,10 +513,9 @@ class DistillRun:
                   **{k: round(v / max(iterations, 1), 5) for k, v in losses.items()},
                   **{k: v for k, v in epoch_start.items() if k.startswith("lr_")},
                   "images_per_s": round(images_seen * world_size() / max(seconds, 1e-9), 1),
-                  "elapsed_s": round(self.stopwatch.seconds, 1)}
+                  "elapsed_s": round(self.stopwatch.seconds, 1), "peak_memory_mb": peak_memory_mb(self.device)}
         # On every rank: a method may synchronise BatchNorm layers across ranks while it makes these (DFAD's generator).
         images, teacher_logits = self.method.synthetic_batch(config.diagnostic_images, seed=config.seed + 1)
-        calibration_images = self.method.calibration_images(SYNTHETIC_IMAGES, seed=config.seed + 2)
         if not is_main():
             return
         diagnostics = collapse_diagnostics(images, teacher_logits, self.num_classes)
@@ -481,8 +527,8 @@ class DistillRun:
             log(f"[yellow]epoch {epoch}: {warning}[/]")
         with self.stopwatch.excluding():
             self._save_samples(epoch, images, teacher_logits)
-            self.save_artifacts(epoch, calibration_images)
-        if self.eval_source is not None and (epoch % config.eval_every == 0 or epoch == config.epochs):
+            self.save_student(epoch)
+        if self.eval_source is not None and (epoch % config.eval_every == 0 or final):
             with self.stopwatch.excluding():
                 record["accuracy"] = self.evaluate(self.student, self.student_spec, "  eval")
         log(f"epoch {epoch}: " + (f"student {record['accuracy']['100%']:.2%}, " if "accuracy" in record else "")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -38,13 +39,18 @@ def agreement_masked_adversarial(student_logits: torch.Tensor, teacher_logits: t
     return -(kl_divergence(student_logits, teacher_logits, reduction="none") * agree).mean()
 
 
-def class_balance_loss(teacher_logits: torch.Tensor) -> torch.Tensor:
-    """DAFL's information-entropy term: 0 when the teacher predicts every class equally often over the batch,
-    up to log(C) when it predicts one class only. Counters generators that settle on a few classes. Under torchrun
-    the batch is every rank's share together."""
+def class_balance_loss(teacher_logits: torch.Tensor, distinct: int | None = None) -> torch.Tensor:
+    """DAFL's information-entropy term: 0 when the teacher's predictions over the batch are spread as evenly as the
+    batch allows, up to log(C) when it predicts one class only. Counters generators that settle on a few classes. A
+    batch of B < C confident images can reach only log(B) (1000 classes, 64 images), so that is its target: against
+    log(C) the term would never be met and would push every image towards an ambiguous, uniform prediction instead.
+    ``distinct``: how many of a rank's images can be of different classes (the pool's come in pairs of one class);
+    default all. Under torchrun the batch is every rank's share together."""
     mean_probabilities = mean_over_ranks(F.softmax(teacher_logits.float(), 1).mean(0))
     entropy = -(mean_probabilities * torch.log(mean_probabilities + 1e-8)).sum()
-    return torch.log(torch.tensor(float(teacher_logits.shape[1]))) - entropy
+    images = distinct or teacher_logits.shape[0]
+    reachable = math.log(min(teacher_logits.shape[1], images * world_size()))
+    return F.relu(reachable - entropy)
 
 
 def batchnorm_layers(teacher: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:

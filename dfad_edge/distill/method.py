@@ -40,7 +40,10 @@ class Setup:
     teacher_forward: Callable[[torch.Tensor], torch.Tensor]  # the teacher with its BatchNorm layers (hooks see them)
     folded_teacher_forward: Callable[[torch.Tensor], torch.Tensor]  # the same function, faster (models/frozen.py)
     device: torch.device
-    amp_dtype: torch.dtype | None
+    amp_dtype: torch.dtype | None  # the student's training and the generator's steps
+    # The teacher's folded forwards (the students' targets, and generator steps without the BN-statistics term, whose
+    # hooked forwards take amp_dtype); amp=auto times it apart.
+    teacher_amp_dtype: torch.dtype | None
     channels_last: bool
     num_classes: int
     student_spec: InputSpec
@@ -49,6 +52,16 @@ class Setup:
 
     def autocast(self):
         return autocast(self.device, self.amp_dtype)
+
+    def teacher_autocast(self):
+        """The teacher's autocast region for its folded forwards; it holds inside the student's region too."""
+        return autocast(self.device, self.teacher_amp_dtype, override=True)
+
+    def generator_scaler(self) -> torch.amp.GradScaler:
+        """The loss scaler of a generator step, whose gradient flows back through the teacher too: on wherever either
+        network computes in fp16, whose small gradients underflow without it."""
+        fp16 = torch.float16 in (self.amp_dtype, self.teacher_amp_dtype)
+        return grad_scaler(self.device, torch.float16 if fp16 else self.amp_dtype)
 
     @staticmethod
     @contextmanager
@@ -74,7 +87,10 @@ class Setup:
             images = F.interpolate(images, size=self.teacher_size, mode="bilinear", align_corners=False)
         if batchnorm_hooks:
             return self.teacher_forward(images).float()
-        with self.autocast():  # the folded copy keeps its weights in the autocast type
+        if self.teacher_amp_dtype is None:
+            images = images.float()  # made in the student's bf16 region, read by a teacher in fp32
+        # The folded copy keeps its weights in the teacher's autocast type.
+        with self.teacher_autocast():
             return self.folded_teacher_forward(images).float()
 
     @torch.no_grad()
@@ -103,6 +119,10 @@ class DistillMethod(ABC):
 
     name: ClassVar[str]
     options_class: ClassVar[type]
+    # The entries of state_dict() that differ between torchrun ranks (what each rank drew or stored for itself). The
+    # rest (generator, optimisers: kept equal by synchronised BatchNorm and averaged gradients) is rank 0's for all, so
+    # last.pt holds it once and nothing else crosses the ranks at a checkpoint.
+    rank_local_state: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, setup: Setup, options):
         self.setup, self.options = setup, options

@@ -23,12 +23,11 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ..distributed import average_gradients, rank, rank_local_leaf, sync_batchnorm
+from ..distributed import average_gradients, rank, rank_local_leaf, sync_batchnorm, world_size
 from ..errors import DfadError
 from ..models import create_model
 from ..models.generator import PixelGenerator
 from ..options import option
-from ..runtime import grad_scaler
 from .augment import horizontal_flip_half, random_shift_flip
 from .losses import (BatchNormStatistics, agreement_masked_adversarial, class_balance_loss, require_batchnorm,
                      student_logit_loss)
@@ -118,12 +117,16 @@ class SynthesisGenerator(nn.Module):
         return (images - self.mean) / self.std if self.pixel_output else images
 
 
-def balanced_targets(batch_size: int, num_classes: int, device: torch.device, rank: int = 0) -> torch.Tensor:
+def balanced_targets(batch_size: int, num_classes: int, device: torch.device, rank: int = 0,
+                     first_class: int = 0) -> torch.Tensor:
     """Every class equally often (up to one), in random order; the second half repeats the first, so sample i and
-    i + batch/2 share a class (the pairs the mode-seeking term compares). Under torchrun ``batch_size`` is a rank's
-    share and the ranks' shares continue one another's classes, so together they are one batch's."""
+    i + batch/2 share a class (the pairs the mode-seeking term compares). The classes run on from ``first_class``, so
+    with fewer images than classes successive batches cover them all in turn (1000 classes, batches of 64: every class
+    in 32 batches). Under torchrun ``batch_size`` is a rank's share and the ranks' shares continue one another's
+    classes, so together they are one batch's."""
     half = -(-batch_size // 2)
-    first = ((torch.arange(half, device=device) + rank * half) % num_classes)[torch.randperm(half, device=device)]
+    classes = torch.arange(half, device=device) + first_class + rank * half
+    first = (classes % num_classes)[torch.randperm(half, device=device)]
     return torch.cat([first, first])[:batch_size]
 
 
@@ -140,6 +143,7 @@ def mode_seeking_loss(images: torch.Tensor, noise: torch.Tensor) -> torch.Tensor
 class PoolMethod(DistillMethod):
     name = "pool"
     options_class = PoolOptions
+    rank_local_state = ("pool", "bn_previous")  # each rank's images, and the statistics of its last batch
 
     def __init__(self, setup: Setup, options: PoolOptions):
         super().__init__(setup, options)
@@ -164,10 +168,11 @@ class PoolMethod(DistillMethod):
                               if options.bn_stats > 0 else None)
         self.student_loss = student_logit_loss(options.student_loss, options.temperature)
         self.optimizer_s, self.scaler_s = student_optimizer(setup, options)
-        self.scaler_g = grad_scaler(setup.device, setup.amp_dtype)
+        self.scaler_g = setup.generator_scaler()
         self.pool = SyntheticPool(options.pool_size, setup.student_spec.shape, setup.num_classes, setup.device)
         self.flip_allowed: bool | None = {"on": True, "off": False}.get(options.flip)
         self.flip_agreement: float | None = None
+        self.first_class = 0  # the class the next batch's targets start from (balanced_targets)
 
     # --- synthesis -----------------------------------------------------------------------------------------------
     def _fresh_inputs(self, count: int) -> torch.Tensor:
@@ -181,7 +186,8 @@ class PoolMethod(DistillMethod):
     def synthesize_batch(self, progress: float) -> dict[str, torch.Tensor]:
         """Make one batch with a few generator steps and put it into the pool."""
         options, setup = self.options, self.setup
-        targets = balanced_targets(options.batch_size, setup.num_classes, setup.device, rank())
+        targets = balanced_targets(options.batch_size, setup.num_classes, setup.device, rank(), self.first_class)
+        self.first_class = (self.first_class + world_size() * -(-options.batch_size // 2)) % setup.num_classes
         inputs = self._fresh_inputs(len(targets))
         if options.meta == "fomaml":
             fast = copy.deepcopy(self.generator)
@@ -206,7 +212,8 @@ class PoolMethod(DistillMethod):
                 adversarial = (self.adversarial_loss(setup.student_forward(view).float(), teacher_logits)
                                if adversarial_on else zero)
                 diversity = mode_seeking_loss(images.float(), inputs) if options.diversity > 0 else zero
-                balance = class_balance_loss(teacher_logits) if options.class_balance > 0 else zero
+                balance = (class_balance_loss(teacher_logits, distinct=-(-len(targets) // 2))
+                           if options.class_balance > 0 else zero)
                 loss = (options.bn_stats * bn_loss + options.ce * ce_loss + options.adversarial * adversarial
                         + options.diversity * diversity + options.class_balance * balance)
             for optimizer in optimizers:
@@ -348,7 +355,7 @@ class PoolMethod(DistillMethod):
                 "optimizer_s": self.optimizer_s.state_dict(),
                 "scaler_s": self.scaler_s.state_dict(), "scaler_g": self.scaler_g.state_dict(), "pool": self.pool.state(),
                 "bn_previous": self.bn_statistics.state() if self.bn_statistics is not None else None,
-                "flip_allowed": self.flip_allowed, "flip_agreement": self.flip_agreement}
+                "flip_allowed": self.flip_allowed, "flip_agreement": self.flip_agreement, "first_class": self.first_class}
 
     def load_state_dict(self, state: dict, out: Path) -> None:
         self.generator.load_state_dict(state["generator"])
@@ -361,3 +368,4 @@ class PoolMethod(DistillMethod):
         if self.bn_statistics is not None and state["bn_previous"] is not None:
             self.bn_statistics.load([(m.to(self.setup.device), v.to(self.setup.device)) for m, v in state["bn_previous"]])
         self.flip_allowed, self.flip_agreement = state["flip_allowed"], state["flip_agreement"]
+        self.first_class = state["first_class"]

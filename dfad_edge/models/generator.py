@@ -48,30 +48,61 @@ class UpsampleConv2d(nn.Conv2d):
         return F.conv_transpose2d(x, kernel, self.bias, stride=2, padding=1)
 
 
+def upsampling_stages(img_size: int) -> int:
+    """How many x2 up-sampling stages a generator uses: two up to 64 px (DFAD's design: 32 px from 8x8); above, one
+    more per doubling until the first feature map is at most 8x8 (224 px: 7x7 and five stages), so the projection from
+    the latent stays small (Linear(256 -> 128x56x56) was 103 M parameters at 224 px)."""
+    stages = 2
+    while img_size > 64 and img_size / 2 ** stages > 8:
+        stages += 1
+    return stages
+
+
+def upsampling_blocks(module: nn.Module, ngf: int, stages: int, bias: bool) -> int:
+    """Adds block1..blockN (up x2 and a 3x3 convolution, BatchNorm, LeakyReLU) to ``module``, from 2*ngf channels,
+    halving the width at each stage down to ngf/4 (at 32 px: 2ngf -> 2ngf -> ngf, DFAD's generator A), so the
+    full-resolution stages of a large image stay cheap. Returns the last stage's width."""
+    width = 2 * ngf
+    for index in range(stages):
+        out = max(ngf // 4, (2 * ngf) >> index, 1)
+        module.add_module(f"block{index + 1}", nn.Sequential(
+            UpsampleConv2d(width, out, bias=bias), nn.BatchNorm2d(out), nn.LeakyReLU(0.2, inplace=True)))
+        width = out
+    return width
+
+
+def decode(generator: nn.Module, z: torch.Tensor) -> torch.Tensor:
+    """The shared trunk: projection, BatchNorm, the up-sampling stages, the convolution to image channels; at the next
+    multiple of 2^stages where the image size is not one (the caller crops)."""
+    x = generator.project_bn(generator.project(z).view(z.shape[0], -1, generator.init_size, generator.init_size))
+    for index in range(generator.stages):
+        x = getattr(generator, f"block{index + 1}")(x)
+    return generator.to_image(x)
+
+
+def centre_crop(images: torch.Tensor, size: int) -> torch.Tensor:
+    offset = (images.shape[-1] - size) // 2
+    return images[..., offset:offset + size, offset:offset + size]
+
+
 class GeneratorA(nn.Module):
     def __init__(self, nz: int = 256, ngf: int = 64, img_size: int = 32, channels: int = 3):
         super().__init__()
-        if img_size % 4:
-            raise DfadError(f"generator_a needs an image size divisible by 4, got {img_size}")
+        if img_size < 4:
+            raise DfadError(f"generator_a needs images of at least 4x4, got {img_size}")
         self.nz, self.img_size, self.channels = nz, img_size, channels
-        self.init_size = img_size // 4
+        self.stages = upsampling_stages(img_size)
+        self.init_size = -(-img_size // 2 ** self.stages)
         self.project = nn.Linear(nz, 2 * ngf * self.init_size**2)
         self.project_bn = nn.BatchNorm2d(2 * ngf)
-        self.block1 = nn.Sequential(
-            UpsampleConv2d(2 * ngf, 2 * ngf), nn.BatchNorm2d(2 * ngf), nn.LeakyReLU(0.2, inplace=True)
-        )
-        self.block2 = nn.Sequential(
-            UpsampleConv2d(2 * ngf, ngf), nn.BatchNorm2d(ngf), nn.LeakyReLU(0.2, inplace=True)
-        )
-        self.to_image = nn.Conv2d(ngf, channels, 3, 1, 1)
+        width = upsampling_blocks(self, ngf, self.stages, bias=True)
+        self.to_image = nn.Conv2d(width, channels, 3, 1, 1)
         # No affine parameters: this BN only standardises, which places images in the teacher's
         # normalised input space. Normalising generator output again is a known DFAD bug.
         self.output_bn = nn.BatchNorm2d(channels, affine=False)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        x = self.project(z).view(z.shape[0], -1, self.init_size, self.init_size)
-        x = self.block2(self.block1(self.project_bn(x)))
-        return self.output_bn(torch.tanh(self.to_image(x)))
+        return self.output_bn(centre_crop(torch.tanh(decode(self, z)), self.img_size))
 
 
 @register_model("generator_a", (32, 32), "DFAD generator A (nz, ngf, img_size, channels)", is_generator=True)
@@ -80,31 +111,24 @@ def generator_a(nz: int = 256, ngf: int = 64, img_size: int = 32, channels: int 
 
 
 class PixelGenerator(nn.Module):
-    """Linear -> 2ngf x s/4 x s/4, BN, (up x2, conv) BN LeakyReLU, (up x2, conv) BN LeakyReLU, conv, sigmoid. Any
-    image size: it decodes at the next multiple of 4 and crops the centre."""
+    """Linear -> 2ngf x s/4 x s/4, BN, (up x2, conv) BN LeakyReLU, (up x2, conv) BN LeakyReLU, conv, sigmoid (above
+    64 px more stages from a smaller map, as GeneratorA). Any image size: it decodes at the next multiple of
+    2^stages and crops the centre."""
 
     def __init__(self, nz: int = 256, ngf: int = 64, img_size: int = 32, channels: int = 3):
         super().__init__()
         if img_size < 4:
             raise DfadError(f"generator_pixels needs images of at least 4x4, got {img_size}")
         self.nz, self.img_size, self.channels = nz, img_size, channels
-        self.init_size = -(-img_size // 4)
+        self.stages = upsampling_stages(img_size)
+        self.init_size = -(-img_size // 2 ** self.stages)
         self.project = nn.Linear(nz, 2 * ngf * self.init_size**2)
         self.project_bn = nn.BatchNorm2d(2 * ngf)
-        self.block1 = nn.Sequential(
-            UpsampleConv2d(2 * ngf, 2 * ngf, bias=False), nn.BatchNorm2d(2 * ngf), nn.LeakyReLU(0.2, inplace=True)
-        )
-        self.block2 = nn.Sequential(
-            UpsampleConv2d(2 * ngf, ngf, bias=False), nn.BatchNorm2d(ngf), nn.LeakyReLU(0.2, inplace=True)
-        )
-        self.to_image = nn.Conv2d(ngf, channels, 3, 1, 1)
+        width = upsampling_blocks(self, ngf, self.stages, bias=False)
+        self.to_image = nn.Conv2d(width, channels, 3, 1, 1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        x = self.project_bn(self.project(z).view(z.shape[0], -1, self.init_size, self.init_size))
-        x = self.block2(self.block1(x))
-        pixels = torch.sigmoid(self.to_image(x))
-        offset = (pixels.shape[-1] - self.img_size) // 2
-        return pixels[..., offset:offset + self.img_size, offset:offset + self.img_size]
+        return centre_crop(torch.sigmoid(decode(self, z)), self.img_size)
 
 
 @register_model("generator_pixels", (32, 32), "pixel-space decoder of the pool method (nz, ngf, img_size, channels)",
