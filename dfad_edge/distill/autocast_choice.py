@@ -4,8 +4,8 @@ than fp32 on a Xeon without AMX, so instruction sets alone cannot choose, and on
 step slower). At start-up the teacher's forward (no gradients) and the student's training step (forward and
 backward) are each timed at the run's batch in fp32 and in the mixed-precision type the hardware offers, interleaved,
 and each network takes its faster. The teacher is timed as built, not as the folded copy with pre-cast weights the run
-uses: casting ResNet-18's weights per call is small against its forward at a batch of 64. The result is cached per machine, PyTorch version, models and shapes, so a second
-run on the same machine starts at once.
+uses: casting ResNet-18's weights per call is small against its forward at a batch of 64. The result is cached per
+machine, PyTorch version, models and shapes, so a second run on the same machine starts at once.
 """
 
 from __future__ import annotations

@@ -295,9 +295,9 @@ class DistillRun:
 
     # --- checkpoints -----------------------------------------------------------------------------------------
     def checkpoint_due(self, seconds: float) -> bool:
-        """Once ``checkpoint_minutes`` of training passed since the last checkpoint (and always at the last epoch): at
-        224 px a checkpoint is gigabytes (DFAD's replay memory, the pool), too much to write every epoch. ``seconds`` is
-        rank 0's clock as every rank agreed on it, so the ranks decide alike."""
+        """Once ``checkpoint_minutes`` of training passed since the last checkpoint (the run's final epoch and a stop
+        write one regardless, in _run): at 224 px a checkpoint is gigabytes (DFAD's replay memory, the pool), too much
+        to write every epoch. ``seconds`` is rank 0's clock as every rank agreed on it, so the ranks decide alike."""
         return seconds - self.last_checkpoint_s >= 60 * self.config.checkpoint_minutes
 
     def budget_spent(self, epoch: int, seconds: float) -> bool:
