@@ -51,6 +51,9 @@ class DistillConfig:
                                        min=0)
     eval_every: int = option(1, "epochs between test-set evaluations (with --eval-data; observed only)", min=1)
     diagnostic_images: int = option(512, "synthetic images for the collapse diagnostics each epoch", min=2)
+    recalibrate_bn: str = option("auto", "recompute the student's BatchNorm statistics on the diagnostic images before "
+                                 "each save and evaluation; auto: where a layer's momentum is below 0.1 (MobileNetV3's "
+                                 "0.01 otherwise ships statistics that lag the weights)", choices=("auto", "on", "off"))
     sample_images: int = option(64, "images in each epoch's sample grid", min=1)
     log_every: int = option(10, "iterations between reading losses back to the host (NaN check, progress bar)", min=1)
     options: DfadOptions | PoolOptions | PriorOptions = field(default_factory=PoolOptions, metadata={"help": "the method's options"})

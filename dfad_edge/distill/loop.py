@@ -44,6 +44,7 @@ from ..runtime import (autocast_dtype, cpu_bf16_instructions, peak_memory_mb, re
 from .config import DistillConfig
 from .diagnostics import collapse_diagnostics, collapse_warning
 from .autocast_choice import choose_autocast
+from .bn_recalibration import has_slow_batchnorm, recalibrate_batchnorm
 from .method import DistillMethod, Setup, method_class
 from .samples import save_sample_grid
 
@@ -223,6 +224,8 @@ class DistillRun:
         # Frozen and always in eval mode: synthetic batches must never overwrite its BatchNorm statistics.
         teacher = teacher_ckpt.build_model().to(self.device).eval().requires_grad_(False)
         self.student = create_model(config.student_arch, **self.student_kwargs).to(self.device)
+        self.recalibrates_bn = config.recalibrate_bn == "on" or (config.recalibrate_bn == "auto"
+                                                                 and has_slow_batchnorm(self.student))
         if config.channels_last:
             teacher.to(memory_format=torch.channels_last)
             self.student.to(memory_format=torch.channels_last)
@@ -417,6 +420,7 @@ class DistillRun:
             "data_dir": str(Path(self.data_dir).resolve()) if self.data_dir else None,
             "resolved": {"device": str(self.device), "amp_dtype": str(self.amp_dtype),
                          "teacher_amp_dtype": str(self.teacher_amp_dtype), "amp_choice": self.amp_choice,
+                         "recalibrate_bn": self.recalibrates_bn,
                          "cpu_bf16_instructions": cpu_bf16_instructions() if self.device.type == "cpu" else None,
                          "student_input": list(self.student_spec.shape), "dfad_edge_version": __version__,
                          "world_size": world_size(), "rank_seeds": self.rank_seeds(),
@@ -516,6 +520,8 @@ class DistillRun:
                   "elapsed_s": round(self.stopwatch.seconds, 1), "peak_memory_mb": peak_memory_mb(self.device)}
         # On every rank: a method may synchronise BatchNorm layers across ranks while it makes these (DFAD's generator).
         images, teacher_logits = self.method.synthetic_batch(config.diagnostic_images, seed=config.seed + 1)
+        if self.recalibrates_bn:  # on every rank: synchronised BatchNorm layers add the ranks' statistics
+            self._recalibrate_student(images)
         if not is_main():
             return
         diagnostics = collapse_diagnostics(images, teacher_logits, self.num_classes)
@@ -535,6 +541,15 @@ class DistillRun:
             + f"student loss {record.get('loss_student', 0):.4f}, classes {diagnostics['classes_predicted']}/"
             f"{self.num_classes}, entropy {diagnostics['class_entropy']:.2f}, diversity {diagnostics['image_diversity']:.2f}")
         append_jsonl(self.out / "metrics.jsonl", record)
+
+    def _recalibrate_student(self, images: torch.Tensor) -> None:
+        """The running statistics every saved and evaluated student carries: computed on the method's images now,
+        not averaged over weights long gone (see bn_recalibration). Counted in training time: it makes the student."""
+        def forward(batch: torch.Tensor) -> None:
+            with self.setup.autocast():
+                self.student(self.setup.to_memory_format(batch))
+
+        recalibrate_batchnorm(self.student, images, forward, self.config.options.batch_size)
 
     @torch.no_grad()
     def _student_agreement(self, images: torch.Tensor, teacher_logits: torch.Tensor) -> float:

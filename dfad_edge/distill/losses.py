@@ -53,8 +53,8 @@ def class_balance_loss(teacher_logits: torch.Tensor, distinct: int | None = None
     return F.relu(reachable - entropy)
 
 
-def batchnorm_layers(teacher: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
-    return [m for m in teacher.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+def batchnorm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
 
 
 def require_batchnorm(teacher: nn.Module, term: str) -> None:
