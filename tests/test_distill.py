@@ -26,7 +26,9 @@ def _tiny(method: str = "pool", **changes):
                "dfad": {"batch_size": 32, "replay_size": 256},
                "prior": {"batch_size": 32, "generator_batch": 16, "generator_fraction": 0.25}}[method]
     options.update(changes.pop("options", {}))
-    settings = dict(epochs=3, iters_per_epoch=3, diagnostic_images=64, sample_images=16, options=options)
+    # recalibrate_bn on: the behaviour tests (resume, torchrun) cover the student's recalibrated statistics too.
+    settings = dict(epochs=3, iters_per_epoch=3, diagnostic_images=64, sample_images=16, recalibrate_bn="on",
+                    options=options)
     settings.update(changes)
     return distill_config(method, "tiny", **settings)
 
@@ -91,13 +93,18 @@ def test_recalibrated_batchnorm_statistics_are_those_of_the_images_in_training_b
 
     model = torch.nn.Sequential(torch.nn.BatchNorm2d(3, momentum=0.01), torch.nn.Conv2d(3, 4, 3),
                                 torch.nn.BatchNorm2d(4, momentum=None)).eval()
-    images = torch.randn(64, 3, 8, 8) * 2 + 3
-    recalibrate_batchnorm(model, images, model, batch_size=16)
     first = model[0]
-    assert torch.allclose(first.running_mean, images.mean((0, 2, 3)), atol=1e-5)
+    first.running_mean.fill_(-5.0), first.running_var.fill_(9.0), first.num_batches_tracked.fill_(1000)  # stale
+    images = torch.randn(66, 3, 8, 8) * 2 + 3
+    images[:33] += 4  # two sources listed one after the other, as a method may list crops and generator images
+    recalibrate_batchnorm(model, images, model, batch_size=16)
+    # The 64 images of 4 full batches (the 2 left over are not used) in a seeded shuffle that mixes the sources.
+    order = torch.randperm(66, generator=torch.Generator().manual_seed(0))[:64]
+    assert torch.allclose(first.running_mean, images[order].mean((0, 2, 3)), atol=1e-5)
     # The average of the batches' unbiased variances, every batch weighing the same.
-    batch_variances = torch.stack([b.transpose(0, 1).flatten(1).var(1) for b in images.split(16)])
+    batch_variances = torch.stack([b.transpose(0, 1).flatten(1).var(1) for b in images[order].split(16)])
     assert torch.allclose(first.running_var, batch_variances.mean(0), atol=1e-4)
+    assert first.running_var.min() > 4 + 2  # the sources' difference is in the variance: each batch mixes them
     assert first.momentum == 0.01 and model[2].momentum is None and not model.training
 
 

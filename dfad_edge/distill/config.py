@@ -51,9 +51,10 @@ class DistillConfig:
                                        min=0)
     eval_every: int = option(1, "epochs between test-set evaluations (with --eval-data; observed only)", min=1)
     diagnostic_images: int = option(512, "synthetic images for the collapse diagnostics each epoch", min=2)
-    recalibrate_bn: str = option("auto", "recompute the student's BatchNorm statistics on the diagnostic images before "
-                                 "each save and evaluation; auto: where a layer's momentum is below 0.1 (MobileNetV3's "
-                                 "0.01 otherwise ships statistics that lag the weights)", choices=("auto", "on", "off"))
+    recalibrate_bn: str = option("auto", "recompute the student's BatchNorm statistics on diagnostic_images of the "
+                                 "method's calibration images before each save and evaluation; auto: where a layer's "
+                                 "momentum is below 0.1 (MobileNetV3's 0.01 otherwise ships statistics that lag the "
+                                 "weights)", choices=("auto", "on", "off"))
     sample_images: int = option(64, "images in each epoch's sample grid", min=1)
     log_every: int = option(10, "iterations between reading losses back to the host (NaN check, progress bar)", min=1)
     options: DfadOptions | PoolOptions | PriorOptions = field(default_factory=PoolOptions, metadata={"help": "the method's options"})
@@ -157,7 +158,8 @@ PRESETS["prior"] = {
 # The method ``--method auto`` picks for each kind of data: the one that measured better at the same budget
 # (docs/results.md, "Choosing the default"): on tiny images the image prior (digits 98.44% against 97.71%, CIFAR-10 at
 # 16 px 53.5% against 48.5%, 3 seeds each), on small ones dfad (CIFAR-10, 30 minutes: 65.6% against 52.6%), on large
-# ones the image prior (docs/results.md, "Large images").
+# ones the image prior (224-px ResNet-18, 30 minutes: 39.85% against the published DFAD recipe's 10.0%, which needs
+# over 20 GB at its batch of 256; docs/results.md, "Large images").
 DEFAULT_METHOD = {"tiny": "prior", "small": "dfad", "large": "prior"}
 
 

@@ -135,7 +135,8 @@ class DistillRun:
             saved = self._read_state()
             refuse_another_world_size(saved.get("world_size", 1), self.last_path)
             # The saved config wins: a resumed run must be the same run.
-            config = DistillConfig.from_dict(saved["config"])
+            # A run begun before recalibrate_bn existed goes on without it, as it began.
+            config = DistillConfig.from_dict({"recalibrate_bn": "off", **saved["config"]})
             self.requested_amp, self.amp_choice = saved["amp_requested"], saved["amp_choice"]
         config.validate()
         method_options = split_across_ranks(config.options)
@@ -519,9 +520,9 @@ class DistillRun:
                   "images_per_s": round(images_seen * world_size() / max(seconds, 1e-9), 1),
                   "elapsed_s": round(self.stopwatch.seconds, 1), "peak_memory_mb": peak_memory_mb(self.device)}
         # On every rank: a method may synchronise BatchNorm layers across ranks while it makes these (DFAD's generator).
-        images, teacher_logits = self.method.synthetic_batch(config.diagnostic_images, seed=config.seed + 1)
         if self.recalibrates_bn:  # on every rank: synchronised BatchNorm layers add the ranks' statistics
-            self._recalibrate_student(images)
+            self._recalibrate_student()
+        images, teacher_logits = self.method.synthetic_batch(config.diagnostic_images, seed=config.seed + 1)
         if not is_main():
             return
         diagnostics = collapse_diagnostics(images, teacher_logits, self.num_classes)
@@ -542,14 +543,16 @@ class DistillRun:
             f"{self.num_classes}, entropy {diagnostics['class_entropy']:.2f}, diversity {diagnostics['image_diversity']:.2f}")
         append_jsonl(self.out / "metrics.jsonl", record)
 
-    def _recalibrate_student(self, images: torch.Tensor) -> None:
+    def _recalibrate_student(self) -> None:
         """The running statistics every saved and evaluated student carries: computed on the method's images now,
-        not averaged over weights long gone (see bn_recalibration). Counted in training time: it makes the student."""
+        not averaged over weights long gone (see bn_recalibration). Counted in training time: it makes the student.
+        The images are drawn as synthetic.pt's (not the diagnostic images, which would then flatter the agreement)."""
         def forward(batch: torch.Tensor) -> None:
             with self.setup.autocast():
                 self.student(self.setup.to_memory_format(batch))
 
-        recalibrate_batchnorm(self.student, images, forward, self.config.options.batch_size)
+        images = self.method.calibration_images(self.config.diagnostic_images, seed=self.config.seed + 2)
+        recalibrate_batchnorm(self.student, images, forward, self.method.student_batch_size)
 
     @torch.no_grad()
     def _student_agreement(self, images: torch.Tensor, teacher_logits: torch.Tensor) -> float:

@@ -127,6 +127,11 @@ class DistillMethod(ABC):
     def __init__(self, setup: Setup, options):
         self.setup, self.options = setup, options
 
+    @property
+    def student_batch_size(self) -> int:
+        """Images in one of this rank's student steps."""
+        return self.options.batch_size
+
     @abstractmethod
     def iteration(self, progress: float) -> dict[str, torch.Tensor | int]:
         """One unit of work at this point of the run (0..1). Returns its loss terms as 0-dim tensors left on the

@@ -174,6 +174,10 @@ class PoolMethod(DistillMethod):
         self.flip_agreement: float | None = None
         self.first_class = 0  # the class the next batch's targets start from (balanced_targets)
 
+    @property
+    def student_batch_size(self) -> int:
+        return self.options.student_batch
+
     # --- synthesis -----------------------------------------------------------------------------------------------
     def _fresh_inputs(self, count: int) -> torch.Tensor:
         """Per-sample noise; with generator_input=latent it is the batch's learnable latent (Fast-DFKD)."""
