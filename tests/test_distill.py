@@ -92,12 +92,14 @@ def test_recalibrated_batchnorm_statistics_are_those_of_the_images_in_training_b
     from dfad_edge.distill.bn_recalibration import recalibrate_batchnorm
 
     model = torch.nn.Sequential(torch.nn.BatchNorm2d(3, momentum=0.01), torch.nn.Conv2d(3, 4, 3),
-                                torch.nn.BatchNorm2d(4, momentum=None)).eval()
+                                torch.nn.BatchNorm2d(4, momentum=None), torch.nn.Dropout(0.5)).eval()
     first = model[0]
     first.running_mean.fill_(-5.0), first.running_var.fill_(9.0), first.num_batches_tracked.fill_(1000)  # stale
     images = torch.randn(66, 3, 8, 8) * 2 + 3
     images[:33] += 4  # two sources listed one after the other, as a method may list crops and generator images
+    random_state = torch.get_rng_state()
     recalibrate_batchnorm(model, images, model, batch_size=16)
+    assert torch.equal(torch.get_rng_state(), random_state)  # dropout stayed off: the run's random numbers are its own
     # The 64 images of 4 full batches (the 2 left over are not used) in a seeded shuffle that mixes the sources.
     order = torch.randperm(66, generator=torch.Generator().manual_seed(0))[:64]
     assert torch.allclose(first.running_mean, images[order].mean((0, 2, 3)), atol=1e-5)

@@ -32,10 +32,11 @@ def has_slow_batchnorm(model: nn.Module) -> bool:
 def recalibrate_batchnorm(model: nn.Module, images: torch.Tensor, forward: Callable[[torch.Tensor], object],
                           batch_size: int) -> None:
     """Replace the running statistics of ``model``'s BatchNorm layers by the exact average over ``images`` in
-    batches of ``batch_size`` (the student's training batch: a batch's variance depends on its size); momenta and the
-    training mode are restored. The images are shuffled first (a method may list its sources one after another, while
-    its training batches mix them), and a last partial batch is left out (it would weigh as much as a full one; a
-    single image has no variance). Under torchrun every rank calls this with as many images: synchronised layers add
+    batches of ``batch_size`` (the size of the student's training batch: a batch's variance depends on it); momenta
+    and the training mode are restored. Only the BatchNorm layers run in training mode: dropout stays off, so the
+    run's random numbers are not drawn. The images are shuffled first (a method may list its sources one after
+    another, while its training batches mix them); with more than a batch, a last partial batch is left out (it would
+    weigh as much as a full one). Under torchrun every rank calls this with as many images: synchronised layers add
     the ranks' statistics."""
     layers = batchnorm_layers(model)
     if not layers or len(images) < 2:  # e.g. a pool still empty: keep the running averages
@@ -48,7 +49,9 @@ def recalibrate_batchnorm(model: nn.Module, images: torch.Tensor, forward: Calla
     for layer in layers:
         layer.reset_running_stats()
         layer.momentum = None  # a cumulative average: every batch weighs the same
-    model.train()
+    model.eval()
+    for layer in layers:
+        layer.train()
     try:
         for batch in batches:
             forward(batch)

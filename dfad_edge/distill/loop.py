@@ -519,9 +519,9 @@ class DistillRun:
                   **{k: v for k, v in epoch_start.items() if k.startswith("lr_")},
                   "images_per_s": round(images_seen * world_size() / max(seconds, 1e-9), 1),
                   "elapsed_s": round(self.stopwatch.seconds, 1), "peak_memory_mb": peak_memory_mb(self.device)}
-        # On every rank: a method may synchronise BatchNorm layers across ranks while it makes these (DFAD's generator).
         if self.recalibrates_bn:  # on every rank: synchronised BatchNorm layers add the ranks' statistics
             self._recalibrate_student()
+        # On every rank: a method may synchronise BatchNorm layers across ranks while it makes these (DFAD's generator).
         images, teacher_logits = self.method.synthetic_batch(config.diagnostic_images, seed=config.seed + 1)
         if not is_main():
             return
