@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from dfad_edge.checkpoint import InputSpec, model_checkpoint
 from dfad_edge.distill import DistillRun, apply_overrides, preset_config
-from dfad_edge.env import collect_environment
+from dfad_edge.env import collect_environment, cpuinfo_field
 from dfad_edge.models import create_model, default_input_size
 from dfad_edge.models.generator import UpsampleConv2d
 from dfad_edge.runtime import cpu_bf16_instructions
@@ -125,11 +125,7 @@ def project_phases(run: DistillRun) -> dict:
 
 
 def cpu_flags() -> list[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    flags = (cpuinfo_field("flags") or "").split()
     return sorted(flag for flag in flags if re.match(r"(avx|amx|fma|sse4|vnni)", flag))
 
 

@@ -8,14 +8,18 @@ import subprocess
 from pathlib import Path
 
 
-def _cpu_model() -> str:
+def cpuinfo_field(*names: str) -> str | None:
+    """The value of the first /proc/cpuinfo line whose key starts with one of ``names`` (case-insensitive: ARM boards
+    write "Hardware"); None where there is none or the file cannot be read (not Linux)."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith(("model name", "hardware")):
-                return line.split(":", 1)[1].strip()
+        with open("/proc/cpuinfo") as handle:
+            return next((line.split(":", 1)[1].strip() for line in handle if line.lower().startswith(names)), None)
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        return None
+
+
+def _cpu_model() -> str:
+    return cpuinfo_field("model name", "hardware") or platform.processor() or platform.machine()
 
 
 def _jetson_facts() -> dict | None:

@@ -8,6 +8,7 @@ import random
 import numpy as np
 import torch
 
+from .env import cpuinfo_field
 from .errors import DfadError
 
 
@@ -32,11 +33,7 @@ def has_native_bf16(device: torch.device) -> bool:
 def cpu_bf16_instructions() -> list[str]:
     """The CPU's native bf16 instruction sets (AVX512-BF16 on Zen 4 / Cooper Lake and later, AMX-BF16 on Sapphire
     Rapids and later), read from /proc/cpuinfo; empty where there are none or the flags cannot be read."""
-    try:
-        with open("/proc/cpuinfo") as handle:
-            flags = next((line.split(":", 1)[1].split() for line in handle if line.startswith("flags")), [])
-    except OSError:
-        return []
+    flags = (cpuinfo_field("flags") or "").split()
     return [flag for flag in ("avx512_bf16", "amx_bf16") if flag in flags]
 
 

@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from ..io import atomic_write_json
+from ..env import cpuinfo_field
 from ..runtime import autocast, autocast_dtype
 
 WARMUP_STEPS = 2
@@ -47,13 +48,8 @@ def machine_key(device: torch.device, what: dict) -> str:
     if device.type == "cuda":
         hardware = torch.cuda.get_device_name(device)
     else:
-        hardware = platform.processor() or platform.machine()
-        try:
-            with open("/proc/cpuinfo") as handle:
-                lines = [line for line in handle if line.startswith(("model name", "flags"))][:2]
-            hardware = "".join(lines)
-        except OSError:
-            pass
+        model = cpuinfo_field("model name") or platform.processor() or platform.machine()
+        hardware = f"{model} {cpuinfo_field('flags')}"
     text = json.dumps({"hardware": hardware, "threads": torch.get_num_threads(), "torch": torch.__version__, **what},
                       sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:20]
