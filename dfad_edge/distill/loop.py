@@ -304,16 +304,17 @@ class DistillRun:
         to write every epoch. ``seconds`` is rank 0's clock as every rank agreed on it, so the ranks decide alike."""
         return seconds - self.last_checkpoint_s >= 60 * self.config.checkpoint_minutes
 
-    def budget_spent(self, epoch: int, seconds: float) -> bool:
-        """With a budget, whether the training time is used up before the planned epochs are: each epoch runs at least
-        one iteration, so a model whose iteration outlasts an epoch's share would otherwise run for hours past it."""
+    def budget_spent(self, seconds: float) -> bool:
+        """With a budget, whether ``seconds`` of training used it up. It can happen before the planned epochs end:
+        each epoch runs at least one iteration, so a model whose iteration outlasts an epoch's share would otherwise
+        run for hours past it."""
         budget = self.config.budget_minutes
-        if budget is None or seconds < 60 * budget:
-            return False
-        log(f"[yellow]the {budget:g}-minute budget is spent after epoch {epoch + 1} of {self.config.epochs} (an "
-            "iteration takes longer than an epoch's share): the run ends here[/] (--set epochs=N with fewer epochs "
-            "gives each a longer share)")
-        return True
+        return budget is not None and seconds >= 60 * budget
+
+    def _say_budget_spent_early(self, epoch: int) -> None:
+        log(f"[yellow]the {self.config.budget_minutes:g}-minute budget is spent after epoch {epoch + 1} of "
+            f"{self.config.epochs} (an iteration takes longer than an epoch's share): the run ends here[/] "
+            "(--set epochs=N with fewer epochs gives each a longer share)")
 
     def save_checkpoint(self, epoch: int, iteration: int, accumulators: dict, epoch_start: dict, seconds: float) -> None:
         """generator.pt, synthetic.pt and last.pt (with the method's own files), outside the time budget."""
@@ -438,7 +439,7 @@ class DistillRun:
                                          completed=epoch if config.budget_minutes is not None else
                                          epoch * config.iters_per_epoch + iteration)
             # A resumed run whose budget was spent before its planned epochs (budget_spent) is over.
-            spent = config.budget_minutes is not None and self.stopwatch.seconds >= 60 * config.budget_minutes
+            spent = self.budget_spent(self.stopwatch.seconds)
             while epoch < config.epochs and not spent:
                 epoch_start = epoch_start or {"elapsed_s": self.stopwatch.seconds}
                 while True:
@@ -465,7 +466,10 @@ class DistillRun:
                         progress_bar.advance(task)
                 losses = self._mean_losses(accumulators)
                 self._check_finite(losses, epoch, iteration)
-                final = epoch + 1 >= config.epochs or self.budget_spent(epoch, seconds)
+                final = epoch + 1 >= config.epochs
+                if not final and self.budget_spent(seconds):
+                    final = True
+                    self._say_budget_spent_early(epoch)
                 self.end_epoch(epoch + 1, iteration, losses, accumulators.get("images", 0), epoch_start, final)
                 epoch, iteration, accumulators, epoch_start = epoch + 1, 0, {}, {}
                 if final or self.checkpoint_due(seconds):

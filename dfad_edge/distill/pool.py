@@ -117,6 +117,11 @@ class SynthesisGenerator(nn.Module):
         return (images - self.mean) / self.std if self.pixel_output else images
 
 
+def class_pairs(batch_size: int) -> int:
+    """Distinct classes in a batch of balanced_targets: its images come in pairs of one class."""
+    return -(-batch_size // 2)
+
+
 def balanced_targets(batch_size: int, num_classes: int, device: torch.device, rank: int = 0,
                      first_class: int = 0) -> torch.Tensor:
     """Every class equally often (up to one), in random order; the second half repeats the first, so sample i and
@@ -124,7 +129,7 @@ def balanced_targets(batch_size: int, num_classes: int, device: torch.device, ra
     with fewer images than classes successive batches cover them all in turn (1000 classes, batches of 64: every class
     in 32 batches). Under torchrun ``batch_size`` is a rank's share and the ranks' shares continue one another's
     classes, so together they are one batch's."""
-    half = -(-batch_size // 2)
+    half = class_pairs(batch_size)
     classes = torch.arange(half, device=device) + first_class + rank * half
     first = (classes % num_classes)[torch.randperm(half, device=device)]
     return torch.cat([first, first])[:batch_size]
@@ -191,7 +196,7 @@ class PoolMethod(DistillMethod):
         """Make one batch with a few generator steps and put it into the pool."""
         options, setup = self.options, self.setup
         targets = balanced_targets(options.batch_size, setup.num_classes, setup.device, rank(), self.first_class)
-        self.first_class = (self.first_class + world_size() * -(-options.batch_size // 2)) % setup.num_classes
+        self.first_class = (self.first_class + world_size() * class_pairs(options.batch_size)) % setup.num_classes
         inputs = self._fresh_inputs(len(targets))
         if options.meta == "fomaml":
             fast = copy.deepcopy(self.generator)
@@ -216,7 +221,7 @@ class PoolMethod(DistillMethod):
                 adversarial = (self.adversarial_loss(setup.student_forward(view).float(), teacher_logits)
                                if adversarial_on else zero)
                 diversity = mode_seeking_loss(images.float(), inputs) if options.diversity > 0 else zero
-                balance = (class_balance_loss(teacher_logits, distinct=-(-len(targets) // 2))
+                balance = (class_balance_loss(teacher_logits, distinct=class_pairs(len(targets)))
                            if options.class_balance > 0 else zero)
                 loss = (options.bn_stats * bn_loss + options.ce * ce_loss + options.adversarial * adversarial
                         + options.diversity * diversity + options.class_balance * balance)
