@@ -105,7 +105,7 @@ def timed(run, device: torch.device, repeats: int) -> float:
 
 def project_run(teacher: Path, student: str, batch_size: int, device: str, method: str, changes: list[str],
                 folder: Path) -> DistillRun:
-    """dfad-edge's own loop with its defaults (amp auto, channels_last), on the same recipe and batch."""
+    """dfad-edge's own loop with its defaults (amp and channels_last auto), on the same recipe and batch."""
     config = preset_config(method, "cifar100" if method == "dfad" else "small")
     config = replace(apply_overrides(config, [f"batch_size={batch_size}", *changes]), student_arch=student,
                      device=device)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from conftest import distill_config, run_cli
 from dfad_edge.checkpoint import load_checkpoint, safe_torch_load
@@ -574,8 +575,12 @@ def test_milestones_past_the_last_epoch_are_refused_and_a_presets_move_with_its_
     assert config.options.milestones == () and "none (no drop)" in notes.pop()
 
 
-def _timings(teacher: dict, student: dict):
-    return lambda *args: {"teacher": teacher, "student": student}
+def _timings(teacher: dict, student: dict, nhwc: float = 0.9):
+    """A stand-in measurement: milliseconds per type in NCHW, and NHWC at ``nhwc`` times those."""
+    def both_formats(ms: dict) -> dict:
+        return {**{f"{name} NCHW": value for name, value in ms.items()},
+                **{f"{name} NHWC": round(value * nhwc, 3) for name, value in ms.items()}}
+    return lambda *args: {"teacher": both_formats(teacher), "student": both_formats(student)}
 
 
 def test_amp_auto_takes_the_faster_of_fp32_and_bf16_as_measured_and_caches_it(tmp_path, digits_teacher, monkeypatch):
@@ -593,9 +598,12 @@ def test_amp_auto_takes_the_faster_of_fp32_and_bf16_as_measured_and_caches_it(tm
     run.run()
     written = json.loads((tmp_path / "xeon" / "config.json").read_text())
     choice = written["resolved"]["amp_choice"]
-    assert (choice["chosen"], choice["teacher"], choice["ms_per_step"]["student"]) == ("fp32", "fp32", {"fp32": 10.0, "bf16": 12.5})
-    assert (written["amp"], written["teacher_amp"]) == ("auto", "same")  # --config on another machine measures there
-    assert safe_torch_load(tmp_path / "xeon" / "last.pt")["config"]["amp"] == "off"  # a resumed run keeps it
+    assert (choice["chosen"], choice["teacher"], choice["channels_last"]) == ("fp32", "fp32", True)
+    assert choice["ms_per_step"]["student"] == {"fp32 NCHW": 10.0, "bf16 NCHW": 12.5, "fp32 NHWC": 9.0, "bf16 NHWC": 11.25}
+    # --config on another machine measures there.
+    assert (written["amp"], written["teacher_amp"], written["channels_last"]) == ("auto", "same", "auto")
+    saved = safe_torch_load(tmp_path / "xeon" / "last.pt")["config"]
+    assert (saved["amp"], saved["channels_last"]) == ("off", "on")  # a resumed run keeps them
     resumed = DistillRun(_tiny("dfad", epochs=2), digits_teacher, tmp_path / "xeon", resume=True)
     assert (resumed.config.amp, resumed.amp_choice["chosen"], len(timed)) == ("off", "fp32", 1)
     # The same machine, models and shapes again: the cached decision, no second measurement.
@@ -607,8 +615,51 @@ def test_amp_auto_takes_the_faster_of_fp32_and_bf16_as_measured_and_caches_it(tm
     zen = DistillRun(_tiny("dfad", epochs=1, options={"batch_size": 16}), digits_teacher, tmp_path / "zen")
     assert (zen.config.amp, zen.amp_dtype, zen.setup.teacher_amp_dtype, len(timed)) == \
         ("bf16", torch.bfloat16, torch.bfloat16, 2)
-    # An explicit --amp is never second-guessed.
-    assert DistillRun(_tiny("dfad", epochs=1, amp="off"), digits_teacher, tmp_path / "asked").amp_choice is None
+    # An explicit --amp is never second-guessed (only the memory format is timed, in fp32).
+    asked = DistillRun(_tiny("dfad", epochs=1, amp="off"), digits_teacher, tmp_path / "asked")
+    assert (asked.config.amp, asked.amp_dtype, asked.setup.teacher_amp_dtype) == ("off", None, None)
+
+
+def test_channels_last_auto_takes_the_faster_memory_format_for_both_networks(tmp_path, digits_teacher, monkeypatch):
+    from dfad_edge.distill import autocast_choice
+
+    monkeypatch.setenv("DFAD_EDGE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(autocast_choice, "autocast_candidates", lambda device: [None, torch.bfloat16])
+    # NHWC slower for the student, faster for the teacher, slower in sum: both networks stay NCHW.
+    measured = {"teacher": {"fp32 NCHW": 4.0, "bf16 NCHW": 2.0, "fp32 NHWC": 3.0, "bf16 NHWC": 1.5},
+                "student": {"fp32 NCHW": 5.0, "bf16 NCHW": 6.0, "fp32 NHWC": 7.0, "bf16 NHWC": 8.0}}
+    seen = []
+    monkeypatch.setattr(autocast_choice, "measure", lambda *args: seen.append(args[-1]) or measured)
+    run = DistillRun(_tiny("dfad", epochs=1), digits_teacher, tmp_path / "nchw")
+    assert (run.config.amp, run.config.teacher_amp, run.config.channels_last) == ("off", "bf16", "off")
+    assert not run.setup.channels_last and run.setup.to_memory_format(torch.zeros(2, 3, 4, 4)).is_contiguous()
+    assert all(parameter.is_contiguous() for parameter in run.student.parameters())
+    assert len(seen[0]) == 4
+    # A fixed --amp times only the memory formats, in that type; both fixed: nothing is timed.
+    fixed = DistillRun(_tiny("dfad", epochs=1, amp="off", options={"batch_size": 16}), digits_teacher, tmp_path / "f")
+    assert seen[1] == [(None, False), (None, True)] and fixed.config.channels_last == "off"
+    DistillRun(_tiny("dfad", epochs=1, amp="off", channels_last="on"), digits_teacher, tmp_path / "none")
+    assert len(seen) == 2
+    # A run folder written when channels_last was true/false resumes as on/off.
+    legacy = {**_tiny("dfad").to_dict(), "channels_last": True}
+    assert DistillConfig.from_dict(legacy).channels_last == "on"
+
+
+def test_measuring_times_each_candidate_in_its_memory_format():
+    from dfad_edge.distill.autocast_choice import fastest, label, measure
+
+    teacher, student = (nn.Sequential(nn.Conv2d(3, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+                        for _ in range(2))
+    images = (torch.randn(4, 3, 12, 12), torch.randn(4, 3, 8, 8))
+    candidates = [(None, False), (None, True)]
+    ms = measure(teacher, student, images, candidates)
+    assert set(ms) == {"teacher", "student"} and all(set(part) == {"fp32 NCHW", "fp32 NHWC"} for part in ms.values())
+    assert all(value > 0 for part in ms.values() for value in part.values())
+    # The networks the run builds stay in their own format: NHWC was timed on copies.
+    assert teacher[0].weight.is_contiguous() and not student[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert label((torch.bfloat16, True)) == "bf16 NHWC"
+    assert fastest({"teacher": {"fp32 NCHW": 1, "fp32 NHWC": 2}, "student": {"fp32 NCHW": 3, "fp32 NHWC": 1}},
+                   candidates) == ((None, True), (None, True))
 
 
 def test_amp_auto_can_run_the_teacher_in_bf16_and_train_the_student_in_fp32(tmp_path, digits_teacher, monkeypatch):

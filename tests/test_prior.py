@@ -12,7 +12,7 @@ from PIL import Image
 from conftest import distill_config, run_cli
 from dfad_edge.data.unlabeled import image_files, load_source_images
 from dfad_edge.distill import DistillRun
-from dfad_edge.distill.augment import colour_jitter, cutmix, resized_crop_boxes
+from dfad_edge.distill.augment import colour_jitter, cutmix, mixup, resized_crop_boxes
 from dfad_edge.errors import DfadError
 
 
@@ -74,6 +74,23 @@ def test_cutmix_pastes_one_box_of_another_image_into_the_chosen_share():
         # One rectangle, filled with a single other image's value.
         assert foreign.sum() == (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
         assert mixed[index, 0][foreign].unique().numel() == 1
+
+
+def test_mixup_blends_the_chosen_share_each_with_one_other_image():
+    torch.manual_seed(0)
+    values = torch.arange(64, dtype=torch.float32) * 10
+    images = values.view(64, 1, 1, 1).expand(64, 1, 8, 8).contiguous()
+    mixed = mixup(images, probability=0.5, alpha=1.0)
+    changed = (mixed != images).flatten(1).any(1)
+    assert 0.3 < changed.float().mean() < 0.7
+    for index in torch.nonzero(changed).flatten().tolist():
+        # The whole image blended (no box), as lambda * itself + (1 - lambda) * one other image, 0 <= lambda <= 1.
+        assert mixed[index].unique().numel() == 1
+        value, own = mixed[index, 0, 0, 0], values[index]
+        others = values[values != own]
+        lam = (value - others) / (own - others)
+        assert ((lam >= 0) & (lam <= 1)).any()
+    assert torch.equal(mixup(images, probability=0.0, alpha=1.0), images)
 
 
 def test_crops_are_mirrored_only_where_flips_are_allowed(tmp_path, digits_teacher):

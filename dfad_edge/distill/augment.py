@@ -1,6 +1,6 @@
 """Per-sample augmentation of whole batches on the device, without a per-image Python loop: random translation and
 flip (differentiable, for synthetic images), and the image prior's random resized crops of source images, rotation and
-shear, colour jitter and CutMix. Random numbers are drawn on the CPU (from ``rng`` where given, so diagnostics can
+shear, colour jitter, CutMix and MixUp. Random numbers are drawn on the CPU (from ``rng`` where given, so diagnostics can
 draw a fixed batch without moving the run's random stream) and moved to the device."""
 
 from __future__ import annotations
@@ -133,3 +133,14 @@ def cutmix(images: torch.Tensor, probability: float, alpha: float) -> torch.Tens
     partner = torch.randperm(count).to(images.device)
     return torch.where(inside[:, None].to(images.device), images[partner], images)
 
+
+def mixup(images: torch.Tensor, probability: float, alpha: float) -> torch.Tensor:
+    """MixUp without labels: on a random ``probability`` share of the batch, each image blended with another (a random
+    pairing) as lambda * image + (1 - lambda) * other, lambda ~ Beta(alpha, alpha) per image; the rest unchanged.
+    Training only: it draws from the global random stream."""
+    count = images.shape[0]
+    applied = torch.rand(count) < probability
+    lam = torch.distributions.Beta(alpha, alpha).sample((count,))
+    weight = torch.where(applied, lam, torch.ones(count)).to(images.device, images.dtype).view(-1, 1, 1, 1)
+    partner = torch.randperm(count).to(images.device)
+    return weight * images + (1 - weight) * images[partner]

@@ -1,15 +1,19 @@
-"""``--amp auto`` decided by measurement: the same CPU flags (AVX512-BF16) make bf16 2.7x faster on a Zen 4 and slower
-than fp32 on a Xeon without AMX, so instruction sets alone cannot choose, and one model can gain where another loses
-(on a Xeon with AMX, a ResNet-18 teacher's forward at 224 px is 2.4x faster in bf16, a MobileNetV3 student's training
-step slower). At start-up the teacher's forward (no gradients) and the student's training step (forward and
-backward) are each timed at the run's batch in fp32 and in the mixed-precision type the hardware offers, interleaved,
-and each network takes its faster. The teacher is timed as built, not as the folded copy with pre-cast weights the run
-uses: casting ResNet-18's weights per call is small against its forward at a batch of 64. The result is cached per
-machine, PyTorch version, models and shapes, so a second run on the same machine starts at once.
+"""``--amp auto`` and ``channels_last=auto`` decided by measurement: the same CPU flags (AVX512-BF16) make bf16 2.7x
+faster on a Zen 4 and slower than fp32 on a Xeon without AMX, so instruction sets alone cannot choose, and one model
+can gain where another loses (on a Xeon with AMX, a ResNet-18 teacher's forward at 224 px is 2.4x faster in bf16, a
+MobileNetV3 student's training step slower). NHWC (channels_last) is oneDNN's and the tensor cores' preferred layout,
+but depthwise convolutions and small images need not gain from it. At start-up the teacher's forward (no gradients)
+and the student's training step (forward and backward) are each timed at the run's batch in every candidate: fp32 and
+the mixed-precision type the hardware offers, each in NCHW and NHWC (where those are ``auto``), interleaved. Each
+network takes its faster type; the memory format, which the run's images and both networks share, is the one whose
+two best times sum lowest. The teacher is timed as built, not as the folded copy with pre-cast weights the run uses:
+casting ResNet-18's weights per call is small against its forward at a batch of 64. The result is cached per machine,
+PyTorch version, models and shapes, so a second run on the same machine starts at once.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -21,8 +25,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ..io import atomic_write_json
 from ..env import cpuinfo_field
+from ..io import atomic_write_json
 from ..runtime import autocast, autocast_dtype
 
 WARMUP_STEPS = 2
@@ -30,6 +34,7 @@ ROUNDS = 3
 STEPS_PER_ROUND = 2
 NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 AMP_SETTING = {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}
+FORMATS = {False: "NCHW", True: "NHWC"}
 
 
 def autocast_candidates(device: torch.device) -> list[torch.dtype | None]:
@@ -67,6 +72,21 @@ def _timed(step, steps: int, device: torch.device) -> float:
     return (time.perf_counter() - started) / steps
 
 
+def label(candidate: tuple) -> str:
+    """A candidate (autocast type or None, channels_last) as recorded: e.g. "bf16 NHWC"."""
+    dtype, channels_last = candidate
+    return f"{NAMES[dtype]} {FORMATS[channels_last]}"
+
+
+def _in_memory_format(teacher: nn.Module, student: nn.Module, images: tuple[torch.Tensor, torch.Tensor],
+                      channels_last: bool) -> tuple:
+    """The networks and images as the run would hold them in this format (NHWC ones copied: both formats are timed)."""
+    if not channels_last:
+        return teacher, student, images
+    teacher, student = (copy.deepcopy(model).to(memory_format=torch.channels_last) for model in (teacher, student))
+    return teacher, student, tuple(batch.contiguous(memory_format=torch.channels_last) for batch in images)
+
+
 def _steps(teacher: nn.Module, student: nn.Module, images: tuple[torch.Tensor, torch.Tensor], dtype) -> dict:
     """The two timed workloads in ``dtype``: the teacher's forward without gradients, the student's forward and backward
     (``images``: a batch at each one's input size)."""
@@ -87,32 +107,54 @@ def _steps(teacher: nn.Module, student: nn.Module, images: tuple[torch.Tensor, t
 
 
 def measure(teacher: nn.Module, student: nn.Module, images: tuple[torch.Tensor, torch.Tensor],
-            candidates: list) -> dict[str, dict[str, float]]:
-    """Milliseconds per call of the teacher's forward and of the student's step in each candidate type, the median of
-    interleaved rounds (so drift favours none)."""
+            candidates: list[tuple]) -> dict[str, dict[str, float]]:
+    """Milliseconds per call of the teacher's forward and of the student's step for each candidate (autocast type,
+    channels_last), keyed by its label; the median of interleaved rounds (so drift favours none). ``images`` are in
+    NCHW, the networks as built."""
     device = images[1].device
-    workloads = {dtype: _steps(teacher, student, images, dtype) for dtype in candidates}
+    formats = {channels_last: _in_memory_format(teacher, student, images, channels_last)
+               for channels_last in dict.fromkeys(channels_last for _dtype, channels_last in candidates)}
+    workloads = {candidate: _steps(*formats[candidate[1]], candidate[0]) for candidate in candidates}
     for steps in workloads.values():
         for step in steps.values():
             _timed(step, WARMUP_STEPS, device)
-    rounds: dict = {(part, dtype): [] for dtype in candidates for part in ("teacher", "student")}
+    rounds: dict = {(part, candidate): [] for candidate in candidates for part in ("teacher", "student")}
     for _ in range(ROUNDS):
-        for dtype, steps in workloads.items():
+        for candidate, steps in workloads.items():
             for part, step in steps.items():
-                rounds[part, dtype].append(_timed(step, STEPS_PER_ROUND, device))
-    return {part: {NAMES[dtype]: round(1000 * statistics.median(rounds[part, dtype]), 2) for dtype in candidates}
-            for part in ("teacher", "student")}
+                rounds[part, candidate].append(_timed(step, STEPS_PER_ROUND, device))
+    return {part: {label(candidate): round(1000 * statistics.median(rounds[part, candidate]), 2)
+                   for candidate in candidates} for part in ("teacher", "student")}
 
 
-def choose_autocast(teacher: nn.Module, student: nn.Module, images: tuple[torch.Tensor, torch.Tensor],
-                    workload: dict) -> tuple[str, str, dict]:
-    """The ``amp`` setting for the student's training (and the generator's), the ``teacher_amp`` setting for the
-    teacher's forwards without gradients ("off", "bf16" or "fp16" each), and how they were decided, for config.json."""
+def fastest(ms: dict[str, dict[str, float]], candidates: list[tuple]) -> tuple[tuple, tuple]:
+    """The student's and the teacher's candidate: each network its faster type, both in the one memory format whose two
+    best times sum lowest."""
+    def best(part: str, channels_last: bool) -> tuple:
+        return min((candidate for candidate in candidates if candidate[1] == channels_last),
+                   key=lambda candidate: ms[part][label(candidate)])
+
+    channels_last = min(dict.fromkeys(candidate[1] for candidate in candidates),
+                        key=lambda fmt: sum(ms[part][label(best(part, fmt))] for part in ("student", "teacher")))
+    return best("student", channels_last), best("teacher", channels_last)
+
+
+def choose_speed_settings(teacher: nn.Module, student: nn.Module, images: tuple[torch.Tensor, torch.Tensor],
+                          workload: dict, amp: str, channels_last: str) -> tuple[str, str, str, dict]:
+    """``amp`` and ``channels_last`` made concrete where they are "auto": the ``amp`` setting for the student's training
+    (and the generator's), the ``teacher_amp`` setting for the teacher's forwards without gradients ("off", "bf16" or
+    "fp16" each), ``channels_last`` ("on" or "off"), and how they were decided, for config.json. ``images``: NCHW."""
     device = images[1].device
-    candidates = autocast_candidates(device)
+    dtypes = autocast_candidates(device) if amp == "auto" else [autocast_dtype(device, amp)]
+    formats = [False, True] if channels_last == "auto" else [channels_last == "on"]
+    candidates = [(dtype, fmt) for fmt in formats for dtype in dtypes]
     if len(candidates) == 1:
-        return "off", "off", {"chosen": "fp32", "teacher": "fp32", "why": "no mixed-precision type runs natively here"}
-    key = machine_key(device, {**workload, "timed": "teacher and student apart"})
+        (dtype, fmt), = candidates
+        return AMP_SETTING[dtype], AMP_SETTING[dtype], "on" if fmt else "off", {
+            "chosen": NAMES[dtype], "teacher": NAMES[dtype], "channels_last": fmt,
+            "why": "no mixed-precision type runs natively here"}
+    key = machine_key(device, {**workload, "candidates": [label(candidate) for candidate in candidates],
+                               "timed": "teacher and student apart"})
     path = cache_file()
     try:
         cached = json.loads(path.read_text())
@@ -120,16 +162,17 @@ def choose_autocast(teacher: nn.Module, student: nn.Module, images: tuple[torch.
         cached = {}
     if key in cached:
         entry = cached[key]
-        return entry["amp"], entry["teacher_amp"], {**entry["record"], "cached": str(path)}
+        return entry["amp"], entry["teacher_amp"], entry["channels_last"], {**entry["record"], "cached": str(path)}
     ms = measure(teacher, student, images, candidates)
-    student_type, teacher_type = (min(candidates, key=lambda dtype: ms[part][NAMES[dtype]])
-                                  for part in ("student", "teacher"))
-    record = {"chosen": NAMES[student_type], "teacher": NAMES[teacher_type], "ms_per_step": ms, "batch": len(images[1]),
-              "why": "for the student's step and the teacher's forward apart, the faster of fp32 and the native "
-                     "mixed-precision type, measured at start-up"}
-    entry = {"amp": AMP_SETTING[student_type], "teacher_amp": AMP_SETTING[teacher_type], "record": record}
+    student_choice, teacher_choice = fastest(ms, candidates)
+    record = {"chosen": NAMES[student_choice[0]], "teacher": NAMES[teacher_choice[0]],
+              "channels_last": student_choice[1], "ms_per_step": ms, "batch": len(images[1]),
+              "why": "each network the faster of its timed types, both in the memory format whose best times sum "
+                     "lowest, measured at start-up"}
+    entry = {"amp": AMP_SETTING[student_choice[0]], "teacher_amp": AMP_SETTING[teacher_choice[0]],
+             "channels_last": "on" if student_choice[1] else "off", "record": record}
     try:
         atomic_write_json(path, {**cached, key: entry})
     except OSError:
         pass  # a read-only home: measured again next time
-    return entry["amp"], entry["teacher_amp"], record
+    return entry["amp"], entry["teacher_amp"], entry["channels_last"], record

@@ -42,7 +42,9 @@ class DistillConfig:
     teacher_amp: str = option("same", "precision of the teacher's folded forwards (the students' targets): same as "
                               "amp, or off, bf16, fp16; amp=auto times the teacher apart and sets it (unless given)",
                               choices=("same", "off", "bf16", "fp16"))
-    channels_last: bool = option(True, "NHWC memory format (faster convolutions on CUDA and x86)")
+    channels_last: str = option("auto", "NHWC memory format (the tensor cores' and oneDNN's): on, off, or auto: the "
+                                "faster, timed at start-up with --amp auto's measurement (cached per machine and models)",
+                                choices=("auto", "on", "off"))
     compile: bool = option(False, "torch.compile the student and teacher")
     compile_teacher: bool = option(True, "torch.compile the frozen teacher's forwards without gradients (a few seconds "
                                    "per input shape; pays off in runs of minutes)")
@@ -81,6 +83,8 @@ class DistillConfig:
     def from_dict(cls, data: dict) -> "DistillConfig":
         # A run's config.json also records facts about the run (teacher, eval data, what was resolved): not options.
         data = {key: value for key, value in data.items() if key not in RUN_FACTS}
+        if isinstance(data.get("channels_last"), bool):  # written as true/false before it could be auto
+            data["channels_last"] = "on" if data["channels_last"] else "off"
         method = data.get("method", "pool")
         options = from_plain(method_class(method).options_class, data.pop(method, {}))
         known = {key: value for key, value in data.items() if key in field_names(cls) and key != "options"}

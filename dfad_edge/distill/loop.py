@@ -43,7 +43,7 @@ from ..runtime import (autocast_dtype, cpu_bf16_instructions, peak_memory_mb, re
                        seed_everything)
 from .config import DistillConfig
 from .diagnostics import collapse_diagnostics, collapse_warning
-from .autocast_choice import choose_autocast
+from .autocast_choice import choose_speed_settings
 from .bn_recalibration import has_slow_batchnorm, recalibrate_batchnorm
 from .method import DistillMethod, Setup, method_class
 from .samples import save_sample_grid
@@ -125,9 +125,10 @@ class DistillRun:
         self.rank_folder = self.out if is_main() else self.out / "ranks" / f"rank{rank()}"
         if self.last_path.exists() and not resume:
             raise DfadError(f"{self.out} already holds a run: pass --resume to continue it, or choose a new --out")
-        # What --amp asked for ("auto" is written to config.json, so --config measures afresh on another machine) and
-        # how auto was decided.
-        self.requested_amp = {"amp": config.amp, "teacher_amp": config.teacher_amp} if config is not None else None
+        # What --amp and channels_last asked for ("auto" is written to config.json, so --config measures afresh on
+        # another machine) and how auto was decided.
+        self.requested_amp = ({"amp": config.amp, "teacher_amp": config.teacher_amp, "channels_last": config.channels_last}
+                              if config is not None else None)
         self.amp_choice = None
         if resume:
             if not self.last_path.exists():
@@ -142,8 +143,8 @@ class DistillRun:
         method_options = split_across_ranks(config.options)
         self.device = rank_device(resolve_device(config.device))
         self.teacher_checkpoint = load_checkpoint(self.teacher_path)
-        if config.amp == "auto":  # decided once; last.pt keeps the decision, so a resumed run is the same run
-            config = self._decide_autocast(config, getattr(method_options, "batch_size", AUTOCAST_BATCH))
+        if "auto" in (config.amp, config.channels_last):  # decided once; last.pt keeps the decision (same run)
+            config = self._decide_speed_settings(config, getattr(method_options, "batch_size", AUTOCAST_BATCH))
         self.config = config
         self.amp_dtype = autocast_dtype(self.device, config.amp)
         self.teacher_amp_dtype = (self.amp_dtype if config.teacher_amp == "same"
@@ -163,8 +164,9 @@ class DistillRun:
             # Every rank built the same networks from the run's seed (DDP requires it); each now draws its own numbers.
             seed_everything(self.rank_seeds()[rank()])
 
-    def _decide_autocast(self, config: DistillConfig, batch_size: int) -> DistillConfig:
-        """``amp=auto`` made concrete by timing this run's teacher and student (rank 0 measures, every rank follows)."""
+    def _decide_speed_settings(self, config: DistillConfig, batch_size: int) -> DistillConfig:
+        """``amp`` and ``channels_last`` "auto" made concrete by timing this run's teacher and student (rank 0 measures,
+        every rank follows)."""
         decision = None
         if is_main():
             teacher_spec = self.teacher_checkpoint.input_spec
@@ -177,19 +179,17 @@ class DistillRun:
             noise = torch.Generator().manual_seed(0)
             images = tuple(torch.randn(batch, *shape, generator=noise).to(self.device)
                            for shape in (teacher_spec.shape, spec.shape))
-            if config.channels_last:
-                teacher, student = (model.to(memory_format=torch.channels_last) for model in (teacher, student))
-                images = tuple(batch_images.contiguous(memory_format=torch.channels_last) for batch_images in images)
             workload = {"teacher": self.teacher_checkpoint.arch, "student": config.student_arch,
-                        "input": list(spec.shape), "batch": batch, "channels_last": config.channels_last}
-            decision = choose_autocast(teacher, student, images, workload)
+                        "input": list(spec.shape), "batch": batch}
+            decision = choose_speed_settings(teacher, student, images, workload, config.amp, config.channels_last)
             del teacher, student
-        amp, teacher_amp, self.amp_choice = broadcast_from_main(decision)
+        amp, teacher_amp, channels_last, self.amp_choice = broadcast_from_main(decision)
         teacher_amp = teacher_amp if config.teacher_amp == "same" else config.teacher_amp  # asked for: kept
         choice = self.amp_choice
-        log(f"--amp auto: student {choice['chosen']}, teacher {choice['teacher']} "
+        log(f"--amp {config.amp}, channels_last {config.channels_last}: student {choice['chosen']}, teacher "
+            f"{choice['teacher']}, {'NHWC' if choice['channels_last'] else 'NCHW'} "
             f"({choice.get('ms_per_step') or choice['why']}{', cached' if 'cached' in choice else ''})")
-        return replace(config, amp=amp, teacher_amp=teacher_amp)
+        return replace(config, amp=amp, teacher_amp=teacher_amp, channels_last=channels_last)
 
     def _refuse_evaluation_sources(self) -> None:
         """Images the method learns from must not be the test set it is evaluated on."""
@@ -227,7 +227,8 @@ class DistillRun:
         self.student = create_model(config.student_arch, **self.student_kwargs).to(self.device)
         self.recalibrates_bn = config.recalibrate_bn == "on" or (config.recalibrate_bn == "auto"
                                                                  and has_slow_batchnorm(self.student))
-        if config.channels_last:
+        channels_last = config.channels_last == "on"  # made concrete by then (auto is decided first)
+        if channels_last:
             teacher.to(memory_format=torch.channels_last)
             self.student.to(memory_format=torch.channels_last)
         teacher_size = (teacher_ckpt.input_spec.height, teacher_ckpt.input_spec.width)
@@ -245,7 +246,7 @@ class DistillRun:
             student_forward=data_parallel(self.student, self.device, config.compile),
             teacher_forward=teacher_forward, folded_teacher_forward=folded_forward,
             device=self.device, amp_dtype=self.amp_dtype, teacher_amp_dtype=self.teacher_amp_dtype,
-            channels_last=config.channels_last,
+            channels_last=channels_last,
             num_classes=self.num_classes, student_spec=self.student_spec,
             teacher_size=teacher_size if teacher_size != (height, width) else None, epochs=config.epochs)
 
@@ -260,7 +261,7 @@ class DistillRun:
         self.inference_teacher = {"batchnorm_layers_folded": folded.layers, "not_folded_because": folded.reason or None}
         if folded.layers == 0:
             return teacher  # not copied: casting its weights would change what the hooked forwards compute
-        if self.config.channels_last:
+        if self.config.channels_last == "on":
             folded.module.to(memory_format=torch.channels_last)
         if self.teacher_amp_dtype is None:
             return folded.module

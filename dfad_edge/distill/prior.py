@@ -5,8 +5,8 @@ step. Optionally a share of each student batch comes from DFAD's generator (with
 class-balance terms), for teachers whose data look like no photograph (digits, text).
 
 One iteration: ``student_steps`` student steps, each on a fresh batch of crops (random resized crops at many scales
-and aspect ratios, rotation and shear, flips where the teacher is flip-invariant, colour jitter), CutMix, teacher logits
-at ``temperature`` (KL); then, with a generator, one generator step.
+and aspect ratios, rotation and shear, flips where the teacher is flip-invariant, colour jitter), CutMix (MixUp where
+asked), teacher logits at ``temperature`` (KL); then, with a generator, one generator step.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ import torch
 from ..data.unlabeled import BUILTIN, SourceImages, load_source_images
 from ..errors import DfadError
 from ..options import option
-from .augment import centre_crop, colour_jitter, crop_and_resize, cutmix, random_flip, random_rotate_shear, resized_crop_boxes
+from .augment import (centre_crop, colour_jitter, crop_and_resize, cutmix, mixup, random_flip, random_rotate_shear,
+                      resized_crop_boxes)
 from .dfad import AdversarialGenerator
 from .losses import kl_divergence, student_logit_loss
 from .method import FLIP_AGREEMENT, DistillMethod, Setup, register_method, scaled_step, student_optimizer
@@ -52,6 +53,8 @@ class PriorOptions:
                        choices=("auto", "on", "off"))
     cutmix: float = option(1.0, "share of images with a CutMix box from another image", min=0, max=1)
     cutmix_alpha: float = option(0.25, "CutMix box size: 1 - lambda, lambda ~ Beta(alpha, alpha)", above=0)
+    mixup: float = option(0.0, "share of images then blended with another image (MixUp)", min=0, max=1)
+    mixup_alpha: float = option(1.0, "MixUp weight: lambda ~ Beta(alpha, alpha)", above=0)
     generator_fraction: float = option(0.25, "share of each student batch from DFAD's generator; 0: no generator",
                                        min=0, below=1)
     nz: int = option(256, "generator latent size", min=1)
@@ -135,6 +138,8 @@ class PriorMethod(DistillMethod):
                 images = torch.cat([images, self.adversary.synthesize(generated).float()])
         if options.cutmix > 0:
             images = cutmix(images, options.cutmix, options.cutmix_alpha)
+        if options.mixup > 0:
+            images = mixup(images, options.mixup, options.mixup_alpha)
         return setup.to_memory_format(images)
 
     # --- training --------------------------------------------------------------------------------------------
