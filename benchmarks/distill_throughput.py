@@ -171,6 +171,8 @@ def main() -> None:
                           "images_per_s": round(images / statistics.median(times), 1),
                           "images_per_s_rounds": [round(images / t, 1) for t in times]}
                    for name, times in per_iteration.items()}
+        for name, run in runs.items():  # what each project loop ran as, once auto was decided
+            results[name]["settings"] = {key: getattr(run.config, key) for key in ("amp", "teacher_amp", "channels_last")}
         baseline = results["plain eager fp32 (published recipe)"]["images_per_s"]
         for entry in results.values():
             entry["ratio_to_plain"] = round(entry["images_per_s"] / baseline, 2)

@@ -632,34 +632,72 @@ def test_channels_last_auto_takes_the_faster_memory_format_for_both_networks(tmp
     monkeypatch.setattr(autocast_choice, "measure", lambda *args: seen.append(args[-1]) or measured)
     run = DistillRun(_tiny("dfad", epochs=1), digits_teacher, tmp_path / "nchw")
     assert (run.config.amp, run.config.teacher_amp, run.config.channels_last) == ("off", "bf16", "off")
-    assert not run.setup.channels_last and run.setup.to_memory_format(torch.zeros(2, 3, 4, 4)).is_contiguous()
-    assert all(parameter.is_contiguous() for parameter in run.student.parameters())
+    assert not run.setup.channels_last and all(parameter.is_contiguous() for parameter in run.student.parameters())
     assert len(seen[0]) == 4
-    # A fixed --amp times only the memory formats, in that type; both fixed: nothing is timed.
-    fixed = DistillRun(_tiny("dfad", epochs=1, amp="off", options={"batch_size": 16}), digits_teacher, tmp_path / "f")
-    assert seen[1] == [(None, False), (None, True)] and fixed.config.channels_last == "off"
-    DistillRun(_tiny("dfad", epochs=1, amp="off", channels_last="on"), digits_teacher, tmp_path / "none")
-    assert len(seen) == 2
-    # A run folder written when channels_last was true/false resumes as on/off.
-    legacy = {**_tiny("dfad").to_dict(), "channels_last": True}
-    assert DistillConfig.from_dict(legacy).channels_last == "on"
+    run.run()
+    resolved = json.loads((tmp_path / "nchw" / "config.json").read_text())["resolved"]
+    assert resolved["channels_last"] is False and resolved["amp_choice"]["channels_last"] is False
+    # A fixed --amp times only the memory formats, in that type; a fixed teacher_amp judges the teacher in its own:
+    # fp32 student 5 + bf16 teacher 2 (NCHW) against 5 + 3 (NHWC), whatever the teacher's fp32 does in NHWC.
+    measured = {"teacher": {"fp32 NCHW": 4.0, "bf16 NCHW": 2.0, "fp32 NHWC": 0.5, "bf16 NHWC": 3.0},
+                "student": {"fp32 NCHW": 5.0, "bf16 NCHW": 6.0, "fp32 NHWC": 5.0, "bf16 NHWC": 8.0}}
+    fixed = DistillRun(_tiny("dfad", epochs=1, amp="off", teacher_amp="bf16", options={"batch_size": 16}),
+                       digits_teacher, tmp_path / "f")
+    assert set(seen[1]) == {(None, False), (torch.bfloat16, False), (None, True), (torch.bfloat16, True)}
+    assert (fixed.config.amp, fixed.config.teacher_amp, fixed.config.channels_last) == ("off", "bf16", "off")
+    # Both fixed: nothing is timed, and "on" means NHWC networks.
+    nhwc = DistillRun(_tiny("dfad", epochs=1, amp="off", channels_last="on"), digits_teacher, tmp_path / "none")
+    assert len(seen) == 2 and nhwc.setup.channels_last
+    assert any(not parameter.is_contiguous() for parameter in nhwc.student.parameters())
+    # No native mixed-precision type and a fixed layout: nothing to time either.
+    monkeypatch.setattr(autocast_choice, "autocast_candidates", lambda device: [None])
+    plain = DistillRun(_tiny("dfad", epochs=1, channels_last="on"), digits_teacher, tmp_path / "plain")
+    assert (plain.config.amp, plain.config.channels_last, len(seen)) == ("off", "on", 2)
+    # A run folder written when channels_last was true/false resumes as on/off; so do --set spellings of that time.
+    legacy = DistillConfig.from_dict({**_tiny("dfad").to_dict(), "channels_last": True})
+    legacy.validate()
+    assert legacy.channels_last == "on"
+    spelled = apply_overrides(_tiny("dfad"), ["channels_last=false"])
+    spelled.validate()
+    assert spelled.channels_last == "off"
 
 
-def test_measuring_times_each_candidate_in_its_memory_format():
-    from dfad_edge.distill.autocast_choice import fastest, label, measure
+def test_measuring_times_each_candidate_in_its_memory_format(monkeypatch):
+    from dfad_edge.distill import autocast_choice
 
     teacher, student = (nn.Sequential(nn.Conv2d(3, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
                         for _ in range(2))
     images = (torch.randn(4, 3, 12, 12), torch.randn(4, 3, 8, 8))
     candidates = [(None, False), (None, True)]
-    ms = measure(teacher, student, images, candidates)
+    formats_seen = []
+    real_steps = autocast_choice._steps
+
+    def recording_steps(teacher, student, images, dtype):
+        formats_seen.append(tuple(thing.is_contiguous(memory_format=torch.channels_last) and not thing.is_contiguous()
+                                  for thing in (teacher[0].weight, student[0].weight, *images)))
+        return real_steps(teacher, student, images, dtype)
+
+    monkeypatch.setattr(autocast_choice, "_steps", recording_steps)
+    ms = autocast_choice.measure(teacher, student, images, candidates)
+    assert formats_seen == [(False,) * 4, (True,) * 4]
     assert set(ms) == {"teacher", "student"} and all(set(part) == {"fp32 NCHW", "fp32 NHWC"} for part in ms.values())
     assert all(value > 0 for part in ms.values() for value in part.values())
     # The networks the run builds stay in their own format: NHWC was timed on copies.
-    assert teacher[0].weight.is_contiguous() and not student[0].weight.is_contiguous(memory_format=torch.channels_last)
-    assert label((torch.bfloat16, True)) == "bf16 NHWC"
-    assert fastest({"teacher": {"fp32 NCHW": 1, "fp32 NHWC": 2}, "student": {"fp32 NCHW": 3, "fp32 NHWC": 1}},
-                   candidates) == ((None, True), (None, True))
+    assert teacher[0].weight.is_contiguous() and student[0].weight.is_contiguous()
+    assert autocast_choice.label((torch.bfloat16, True)) == "bf16 NHWC"
+
+
+def test_the_memory_format_is_chosen_for_both_networks_together():
+    from dfad_edge.distill.autocast_choice import fastest
+
+    both = [False, True]
+    # The student prefers NHWC a little, the teacher NCHW a lot: NCHW for both (not the student's own preference).
+    ms = {"teacher": {"fp32 NCHW": 1, "fp32 NHWC": 5}, "student": {"fp32 NCHW": 3, "fp32 NHWC": 2}}
+    assert fastest(ms, both, [None], [None]) == ((None, False), (None, False))
+    # Each network's type is its best within the chosen format, not across formats.
+    ms = {"teacher": {"fp32 NCHW": 2, "bf16 NCHW": 3, "fp32 NHWC": 9, "bf16 NHWC": 1},
+          "student": {"fp32 NCHW": 4, "bf16 NCHW": 5, "fp32 NHWC": 4, "bf16 NHWC": 6}}
+    assert fastest(ms, both, [None, torch.bfloat16], [None, torch.bfloat16]) == ((None, True), (torch.bfloat16, True))
 
 
 def test_amp_auto_can_run_the_teacher_in_bf16_and_train_the_student_in_fp32(tmp_path, digits_teacher, monkeypatch):

@@ -82,8 +82,10 @@ def _assert_same_update(reference: dict, shards: list[dict], before: dict, unmat
 
 # --- one step: N ranks of B/N update like one process of B ---------------------------------------------------------
 def _dfad_step_config():
-    # fp32 (bf16 rounding would hide a wrongly combined gradient) and no replay memory (its draws differ per rank).
-    return distill_config("dfad", "tiny", amp="off", options={"batch_size": BATCH, "student_steps": 2, "replay_size": 0})
+    # fp32 (bf16 rounding would hide a wrongly combined gradient), one layout for the reference and the ranks (each
+    # would time its own batch), and no replay memory (its draws differ per rank).
+    return distill_config("dfad", "tiny", amp="off", channels_last="off",
+                          options={"batch_size": BATCH, "student_steps": 2, "replay_size": 0})
 
 
 def _dfad_latents() -> list[torch.Tensor]:
@@ -121,7 +123,7 @@ GENERATOR_A_BIASES_BEFORE_BATCHNORM = {"generator.block1.0.bias", "generator.blo
 def _pool_step_config():
     # Fast-DFKD's synthesis (meta-learnt generator, class targets, masked KL) with every whole-batch term on;
     # augmentation and extra sampled batches off, so nothing random is left but the latents and targets fed in.
-    return distill_config("pool", "tiny", amp="off", options={
+    return distill_config("pool", "tiny", amp="off", channels_last="off", options={
         "generator": "pixels", "meta": "fomaml", "ce": 0.5, "adversarial_loss": "masked_kl", "samples_per_step": 0,
         "batch_size": BATCH, "student_batch": BATCH, "pool_size": 2 * BATCH, "student_steps": 1, "warmup": 0.0,
         "adversarial_start": 0.0, "diversity": 1.0, "class_balance": 1.0, "synth_augment": False, "flip": "off"})

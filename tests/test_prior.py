@@ -78,19 +78,33 @@ def test_cutmix_pastes_one_box_of_another_image_into_the_chosen_share():
 
 def test_mixup_blends_the_chosen_share_each_with_one_other_image():
     torch.manual_seed(0)
-    values = torch.arange(64, dtype=torch.float32) * 10
-    images = values.view(64, 1, 1, 1).expand(64, 1, 8, 8).contiguous()
+    # Image i is the one-hot vector e_i: a blend shows its partner and both weights.
+    images = torch.eye(64).view(64, 64, 1, 1).expand(64, 64, 2, 2).contiguous()
     mixed = mixup(images, probability=0.5, alpha=1.0)
     changed = (mixed != images).flatten(1).any(1)
     assert 0.3 < changed.float().mean() < 0.7
+    weights = mixed[:, :, 0, 0]
+    assert torch.equal(mixed, weights.view(64, 64, 1, 1).expand_as(mixed))  # the whole image blended, no box
+    assert torch.allclose(weights.sum(1), torch.ones(64)) and (weights >= 0).all()
     for index in torch.nonzero(changed).flatten().tolist():
-        # The whole image blended (no box), as lambda * itself + (1 - lambda) * one other image, 0 <= lambda <= 1.
-        assert mixed[index].unique().numel() == 1
-        value, own = mixed[index, 0, 0, 0], values[index]
-        others = values[values != own]
-        lam = (value - others) / (own - others)
-        assert ((lam >= 0) & (lam <= 1)).any()
+        others = torch.nonzero(weights[index]).flatten().tolist()
+        assert len(others) == 2 and index in others  # itself and exactly one partner
+    # alpha shapes lambda: small alpha blends little (lambda near 0 or 1), alpha 1 anywhere in between.
+    lam = mixup(images, probability=1.0, alpha=0.05)[:, :, 0, 0].diagonal()
+    assert ((lam < 0.1) | (lam > 0.9)).float().mean() > 0.8
     assert torch.equal(mixup(images, probability=0.0, alpha=1.0), images)
+
+
+def test_mixup_reaches_the_student_batch(tmp_path, digits_teacher):
+    plain = DistillRun(_prior(options={"cutmix": 0.0, "jitter": 0.0}), digits_teacher, tmp_path / "plain")
+    mixed = DistillRun(_prior(options={"cutmix": 0.0, "jitter": 0.0, "mixup": 1.0, "mixup_alpha": 0.5}),
+                       digits_teacher, tmp_path / "mixed")
+    for run in (plain, mixed):
+        torch.manual_seed(5)
+        run.batch = run.method.student_batch()
+    # The same crops (same seed), then blended: blending pulls the images towards each other.
+    assert not torch.equal(plain.batch, mixed.batch)
+    assert mixed.batch.std(0).mean() < plain.batch.std(0).mean()
 
 
 def test_crops_are_mirrored_only_where_flips_are_allowed(tmp_path, digits_teacher):

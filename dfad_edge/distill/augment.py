@@ -135,8 +135,9 @@ def cutmix(images: torch.Tensor, probability: float, alpha: float) -> torch.Tens
 
 
 def mixup(images: torch.Tensor, probability: float, alpha: float) -> torch.Tensor:
-    """MixUp without labels: on a random ``probability`` share of the batch, each image blended with another (a random
-    pairing) as lambda * image + (1 - lambda) * other, lambda ~ Beta(alpha, alpha) per image; the rest unchanged.
+    """MixUp without labels: on a random ``probability`` share of the batch, each image blended with its partner in a
+    random pairing (as in CutMix, now and then itself) as lambda * image + (1 - lambda) * partner, lambda ~ Beta(alpha,
+    alpha) per image; the rest unchanged.
     Training only: it draws from the global random stream."""
     count = images.shape[0]
     applied = torch.rand(count) < probability

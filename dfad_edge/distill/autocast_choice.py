@@ -127,34 +127,41 @@ def measure(teacher: nn.Module, student: nn.Module, images: tuple[torch.Tensor, 
                    for candidate in candidates} for part in ("teacher", "student")}
 
 
-def fastest(ms: dict[str, dict[str, float]], candidates: list[tuple]) -> tuple[tuple, tuple]:
-    """The student's and the teacher's candidate: each network its faster type, both in the one memory format whose two
-    best times sum lowest."""
-    def best(part: str, channels_last: bool) -> tuple:
-        return min((candidate for candidate in candidates if candidate[1] == channels_last),
-                   key=lambda candidate: ms[part][label(candidate)])
+def fastest(ms: dict[str, dict[str, float]], formats: list[bool], student_types: list,
+            teacher_types: list) -> tuple[tuple, tuple]:
+    """The student's and the teacher's candidate (type, channels_last): each network its faster of its own types, both
+    in the one memory format whose two best times sum lowest (one teacher forward per student step, as in every
+    method's student step; a generator's step, which also runs in that format, is not timed)."""
+    def best(part: str, types: list, channels_last: bool) -> tuple:
+        return min(((dtype, channels_last) for dtype in types), key=lambda candidate: ms[part][label(candidate)])
 
-    channels_last = min(dict.fromkeys(candidate[1] for candidate in candidates),
-                        key=lambda fmt: sum(ms[part][label(best(part, fmt))] for part in ("student", "teacher")))
-    return best("student", channels_last), best("teacher", channels_last)
+    def total(channels_last: bool) -> float:
+        return (ms["student"][label(best("student", student_types, channels_last))]
+                + ms["teacher"][label(best("teacher", teacher_types, channels_last))])
+
+    channels_last = min(formats, key=total)
+    return best("student", student_types, channels_last), best("teacher", teacher_types, channels_last)
 
 
 def choose_speed_settings(teacher: nn.Module, student: nn.Module, images: tuple[torch.Tensor, torch.Tensor],
-                          workload: dict, amp: str, channels_last: str) -> tuple[str, str, str, dict]:
+                          workload: dict, amp: str, teacher_amp: str, channels_last: str) -> tuple[str, str, str, dict]:
     """``amp`` and ``channels_last`` made concrete where they are "auto": the ``amp`` setting for the student's training
     (and the generator's), the ``teacher_amp`` setting for the teacher's forwards without gradients ("off", "bf16" or
-    "fp16" each), ``channels_last`` ("on" or "off"), and how they were decided, for config.json. ``images``: NCHW."""
+    "fp16" each; a ``teacher_amp`` other than "same" is the only type the teacher is judged in), ``channels_last``
+    ("on" or "off"), and how they were decided, for config.json. ``images``: NCHW."""
     device = images[1].device
-    dtypes = autocast_candidates(device) if amp == "auto" else [autocast_dtype(device, amp)]
+    student_types = autocast_candidates(device) if amp == "auto" else [autocast_dtype(device, amp)]
+    teacher_types = student_types if teacher_amp == "same" else [autocast_dtype(device, teacher_amp)]
     formats = [False, True] if channels_last == "auto" else [channels_last == "on"]
-    candidates = [(dtype, fmt) for fmt in formats for dtype in dtypes]
-    if len(candidates) == 1:
-        (dtype, fmt), = candidates
-        return AMP_SETTING[dtype], AMP_SETTING[dtype], "on" if fmt else "off", {
-            "chosen": NAMES[dtype], "teacher": NAMES[dtype], "channels_last": fmt,
-            "why": "no mixed-precision type runs natively here"}
-    key = machine_key(device, {**workload, "candidates": [label(candidate) for candidate in candidates],
-                               "timed": "teacher and student apart"})
+    if len(student_types) == len(teacher_types) == len(formats) == 1:
+        (student_type,), (teacher_type,), (fmt,) = student_types, teacher_types, formats
+        return AMP_SETTING[student_type], AMP_SETTING[teacher_type], "on" if fmt else "off", {
+            "chosen": NAMES[student_type], "teacher": NAMES[teacher_type], "channels_last": fmt,
+            "why": "nothing to time: no mixed-precision type runs natively here"}
+    candidates = [(dtype, fmt) for fmt in formats for dtype in dict.fromkeys(student_types + teacher_types)]
+    key = machine_key(device, {**workload, "student_candidates": [NAMES[dtype] for dtype in student_types],
+                               "teacher_candidates": [NAMES[dtype] for dtype in teacher_types],
+                               "formats": [FORMATS[fmt] for fmt in formats], "timed": "teacher and student apart"})
     path = cache_file()
     try:
         cached = json.loads(path.read_text())
@@ -164,7 +171,7 @@ def choose_speed_settings(teacher: nn.Module, student: nn.Module, images: tuple[
         entry = cached[key]
         return entry["amp"], entry["teacher_amp"], entry["channels_last"], {**entry["record"], "cached": str(path)}
     ms = measure(teacher, student, images, candidates)
-    student_choice, teacher_choice = fastest(ms, candidates)
+    student_choice, teacher_choice = fastest(ms, formats, student_types, teacher_types)
     record = {"chosen": NAMES[student_choice[0]], "teacher": NAMES[teacher_choice[0]],
               "channels_last": student_choice[1], "ms_per_step": ms, "batch": len(images[1]),
               "why": "each network the faster of its timed types, both in the memory format whose best times sum "

@@ -20,6 +20,8 @@ from .prior import PriorOptions
 
 KINDS = ("tiny", "small", "large")
 RUN_FACTS = ("teacher", "eval_data", "data_dir", "resolved")
+# channels_last was a boolean before it could be auto: run folders and --set spellings of that time still work.
+BOOLEAN_CHANNELS_LAST = {"true": "on", "1": "on", "yes": "on", "false": "off", "0": "off", "no": "off"}
 
 
 @dataclass
@@ -62,6 +64,7 @@ class DistillConfig:
     options: DfadOptions | PoolOptions | PriorOptions = field(default_factory=PoolOptions, metadata={"help": "the method's options"})
 
     def validate(self) -> None:
+        self.channels_last = BOOLEAN_CHANNELS_LAST.get(str(self.channels_last).lower(), self.channels_last)
         validate_options(self)
         if self.student_input_size is not None:
             if len(self.student_input_size) == 1:
@@ -83,8 +86,6 @@ class DistillConfig:
     def from_dict(cls, data: dict) -> "DistillConfig":
         # A run's config.json also records facts about the run (teacher, eval data, what was resolved): not options.
         data = {key: value for key, value in data.items() if key not in RUN_FACTS}
-        if isinstance(data.get("channels_last"), bool):  # written as true/false before it could be auto
-            data["channels_last"] = "on" if data["channels_last"] else "off"
         method = data.get("method", "pool")
         options = from_plain(method_class(method).options_class, data.pop(method, {}))
         known = {key: value for key, value in data.items() if key in field_names(cls) and key != "options"}

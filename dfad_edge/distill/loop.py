@@ -180,8 +180,9 @@ class DistillRun:
             images = tuple(torch.randn(batch, *shape, generator=noise).to(self.device)
                            for shape in (teacher_spec.shape, spec.shape))
             workload = {"teacher": self.teacher_checkpoint.arch, "student": config.student_arch,
-                        "input": list(spec.shape), "batch": batch}
-            decision = choose_speed_settings(teacher, student, images, workload, config.amp, config.channels_last)
+                        "teacher_input": list(teacher_spec.shape), "input": list(spec.shape), "batch": batch}
+            decision = choose_speed_settings(teacher, student, images, workload, config.amp, config.teacher_amp,
+                                             config.channels_last)
             del teacher, student
         amp, teacher_amp, channels_last, self.amp_choice = broadcast_from_main(decision)
         teacher_amp = teacher_amp if config.teacher_amp == "same" else config.teacher_amp  # asked for: kept
@@ -423,7 +424,7 @@ class DistillRun:
             "data_dir": str(Path(self.data_dir).resolve()) if self.data_dir else None,
             "resolved": {"device": str(self.device), "amp_dtype": str(self.amp_dtype),
                          "teacher_amp_dtype": str(self.teacher_amp_dtype), "amp_choice": self.amp_choice,
-                         "recalibrate_bn": self.recalibrates_bn,
+                         "channels_last": self.setup.channels_last, "recalibrate_bn": self.recalibrates_bn,
                          "cpu_bf16_instructions": cpu_bf16_instructions() if self.device.type == "cpu" else None,
                          "student_input": list(self.student_spec.shape), "dfad_edge_version": __version__,
                          "world_size": world_size(), "rank_seeds": self.rank_seeds(),
