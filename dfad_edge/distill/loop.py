@@ -43,7 +43,7 @@ from ..runtime import (autocast_dtype, cpu_bf16_instructions, peak_memory_mb, re
                        seed_everything)
 from .config import DistillConfig
 from .diagnostics import collapse_diagnostics, collapse_warning
-from .autocast_choice import choose_speed_settings
+from .autocast_choice import FORMATS, choose_speed_settings
 from .bn_recalibration import has_slow_batchnorm, recalibrate_batchnorm
 from .method import DistillMethod, Setup, method_class
 from .samples import save_sample_grid
@@ -188,7 +188,7 @@ class DistillRun:
         teacher_amp = teacher_amp if config.teacher_amp == "same" else config.teacher_amp  # asked for: kept
         choice = self.amp_choice
         log(f"--amp {config.amp}, channels_last {config.channels_last}: student {choice['chosen']}, teacher "
-            f"{choice['teacher']}, {'NHWC' if choice['channels_last'] else 'NCHW'} "
+            f"{choice['teacher']}, {FORMATS[choice['channels_last']]} "
             f"({choice.get('ms_per_step') or choice['why']}{', cached' if 'cached' in choice else ''})")
         return replace(config, amp=amp, teacher_amp=teacher_amp, channels_last=channels_last)
 
