@@ -17,6 +17,7 @@ from .dfad import DfadOptions
 from .method import method_class
 from .pool import PoolOptions
 from .prior import PriorOptions
+from .student_init import STUDENT_INITS
 
 KINDS = ("tiny", "small", "large")
 RUN_FACTS = ("teacher", "eval_data", "data_dir", "resolved")
@@ -32,6 +33,9 @@ class DistillConfig:
     preset: str = option("custom", "the named configuration this one started from")
     student_arch: str = option("resnet20", "student architecture (dfad-edge models)")
     student_input_size: tuple[int, ...] | None = option(None, "student HxW (default: the teacher's)", min=1)
+    student_init: str = option("auto", "the student's first weights: teacher copies the teacher's layers into a "
+                               "student of its family with fewer blocks per stage (evenly spaced blocks, as DistilBERT "
+                               "does), random never does, auto does where the layers fit", choices=STUDENT_INITS)
     epochs: int = option(100, "epochs: evaluation, diagnostics and checkpoints happen at each epoch's end", min=1)
     iters_per_epoch: int = option(20, "method iterations per epoch (with a budget: as many as fit)", min=1)
     budget_minutes: float | None = option(None, "train for this long; the schedule is planned to end then", above=0)

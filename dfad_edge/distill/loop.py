@@ -47,6 +47,7 @@ from .autocast_choice import FORMATS, choose_speed_settings
 from .bn_recalibration import has_slow_batchnorm, recalibrate_batchnorm
 from .method import DistillMethod, Setup, method_class
 from .samples import save_sample_grid
+from .student_init import initialise_from_teacher
 
 STATE_FORMAT = "dfad-edge-distill-state/4"
 SYNTHETIC_FORMAT = "dfad-edge-synthetic/1"
@@ -226,6 +227,9 @@ class DistillRun:
         # Frozen and always in eval mode: synthetic batches must never overwrite its BatchNorm statistics.
         teacher = teacher_ckpt.build_model().to(self.device).eval().requires_grad_(False)
         self.student = create_model(config.student_arch, **self.student_kwargs).to(self.device)
+        self.student_init = initialise_from_teacher(self.student, teacher, config.student_init)
+        if self.student_init["from"] == "teacher":
+            log(f"student starts from the teacher's layers (blocks per stage: {self.student_init['blocks']})")
         self.recalibrates_bn = config.recalibrate_bn == "on" or (config.recalibrate_bn == "auto"
                                                                  and has_slow_batchnorm(self.student))
         channels_last = config.channels_last == "on"  # made concrete by then (auto is decided first)
@@ -426,7 +430,8 @@ class DistillRun:
                          "teacher_amp_dtype": str(self.teacher_amp_dtype), "amp_choice": self.amp_choice,
                          "channels_last": self.setup.channels_last, "recalibrate_bn": self.recalibrates_bn,
                          "cpu_bf16_instructions": cpu_bf16_instructions() if self.device.type == "cpu" else None,
-                         "student_input": list(self.student_spec.shape), "dfad_edge_version": __version__,
+                         "student_input": list(self.student_spec.shape), "student_init": self.student_init,
+                         "dfad_edge_version": __version__,
                          "world_size": world_size(), "rank_seeds": self.rank_seeds(),
                          "inference_teacher": self.inference_teacher, **self.method.provenance()}})
 

@@ -1,0 +1,97 @@
+"""The student started from the teacher's layers (student_init): which blocks, what is copied, where it is refused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torchvision
+
+from conftest import distill_config
+from dfad_edge.checkpoint import InputSpec, model_checkpoint
+from dfad_edge.distill import DistillRun
+from dfad_edge.distill.student_init import initialise_from_teacher, spaced_blocks
+from dfad_edge.errors import DfadError
+from dfad_edge.models import create_model
+
+
+def test_blocks_are_evenly_spaced_with_the_first_and_last():
+    assert spaced_blocks(9, 3) == [0, 4, 8]
+    assert spaced_blocks(3, 2) == [0, 2]
+    assert spaced_blocks(6, 2) == [0, 5]
+    assert spaced_blocks(4, 4) == [0, 1, 2, 3]
+    assert spaced_blocks(5, 1) == [0]
+
+
+def _random_resnet(arch: str, seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = create_model(arch, num_classes=10)
+    for module in model.modules():  # running statistics too must come from the teacher
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.normal_()
+            module.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+def test_resnet20_takes_blocks_0_4_8_of_each_resnet56_stage_with_stem_head_and_statistics():
+    teacher, student = _random_resnet("resnet56", 0), _random_resnet("resnet20", 1)
+    record = initialise_from_teacher(student, teacher, "auto")
+    assert record == {"from": "teacher", "blocks": {f"layer{i}": [0, 4, 8] for i in (1, 2, 3)}}
+    teacher_state, student_state = teacher.state_dict(), student.state_dict()
+    for stage in ("layer1", "layer2", "layer3"):
+        for block, picked in enumerate((0, 4, 8)):
+            for name in ("conv1.weight", "bn2.weight", "bn2.running_var"):
+                assert torch.equal(student_state[f"{stage}.{block}.{name}"], teacher_state[f"{stage}.{picked}.{name}"])
+    for key in student_state:
+        if not key.startswith("layer"):
+            assert torch.equal(student_state[key], teacher_state[key]), key
+    # The copy reached the student's own parameters (not a detached copy of its state).
+    assert torch.equal(student.layer3[2].conv2.weight, teacher.layer3[8].conv2.weight)
+
+
+def test_torchvision_resnet18_from_resnet34():
+    torch.manual_seed(0)
+    teacher, student = torchvision.models.resnet34(num_classes=10), torchvision.models.resnet18(num_classes=10)
+    record = initialise_from_teacher(student, teacher, "auto")
+    assert record["blocks"] == {"layer1": [0, 2], "layer2": [0, 3], "layer3": [0, 5], "layer4": [0, 2]}
+    assert torch.equal(student.layer3[1].conv1.weight, teacher.layer3[5].conv1.weight)
+    assert torch.equal(student.layer2[0].downsample[0].weight, teacher.layer2[0].downsample[0].weight)
+
+
+def test_a_student_of_another_family_stays_random_under_auto_and_is_refused_under_teacher():
+    teacher = torchvision.models.resnet50(num_classes=10)  # bottleneck blocks: no layer of a ResNet-18 fits
+    torch.manual_seed(3)
+    student = torchvision.models.resnet18(num_classes=10)
+    before = {key: value.clone() for key, value in student.state_dict().items()}
+    record = initialise_from_teacher(student, teacher, "auto")
+    assert record["from"] == "random" and "layer1.0.conv1.weight" in record["why"]
+    assert all(torch.equal(before[key], value) for key, value in student.state_dict().items())
+    with pytest.raises(DfadError, match="not a shallower copy of the teacher"):
+        initialise_from_teacher(student, teacher, "teacher")
+    # A deeper student than its teacher is no copy either.
+    assert initialise_from_teacher(create_model("resnet56", num_classes=10), create_model("resnet20", num_classes=10),
+                                   "auto")["why"] == "the teacher's layer1 has 3 blocks, the student's 9"
+
+
+def test_random_leaves_a_fitting_student_as_it_was():
+    teacher, student = _random_resnet("resnet56", 0), _random_resnet("resnet20", 1)
+    before = student.layer1[0].conv1.weight.clone()
+    assert initialise_from_teacher(student, teacher, "random") == {"from": "random"}
+    assert torch.equal(student.layer1[0].conv1.weight, before)
+
+
+def test_the_run_starts_its_student_from_the_teacher_and_records_it(tmp_path):
+    teacher = _random_resnet("resnet56", 0).eval()
+    spec = InputSpec(3, 32, 32, [0.5] * 3, [0.5] * 3)
+    path = tmp_path / "teacher.pt"
+    model_checkpoint(teacher, "resnet56", {}, 10, spec, None, "test").save(path)
+    config = distill_config("dfad", student_arch="resnet20", epochs=1, iters_per_epoch=1, compile_teacher=False,
+                            amp="off", channels_last="off", diagnostic_images=8, sample_images=4,
+                            options={"batch_size": 4, "student_steps": 1, "replay_size": 0})
+    run = DistillRun(config, path, tmp_path / "run")
+    assert torch.equal(run.student.layer2[1].conv1.weight, teacher.layer2[4].conv1.weight)
+    run.run()
+    resolved = json.loads((tmp_path / "run" / "config.json").read_text())["resolved"]
+    assert resolved["student_init"]["from"] == "teacher"
+    assert resolved["student_init"]["blocks"]["layer3"] == [0, 4, 8]
