@@ -42,6 +42,8 @@ def test_published_dfad_recipe_is_its_preset_field_by_field():
     config = preset_config("dfad", "cifar100")
     options = config.options
     assert (config.method, config.student_arch, config.epochs, config.iters_per_epoch) == ("dfad", "resnet18_8x", 500, 50)
+    assert config.student_init == "random"  # the paper's student starts from random weights
+    assert preset_config("dfad", "cifar10").student_init == "random"
     assert (options.nz, options.ngf, options.batch_size, options.student_steps) == (256, 64, 256, 5)
     assert (options.lr_student, options.momentum, options.weight_decay, options.lr_generator) == (0.1, 0.9, 5e-4, 1e-3)
     assert (options.scheduler, options.milestones, options.gamma, options.student_loss) == ("multistep", (100, 200), 0.1, "l1")

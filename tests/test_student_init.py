@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ import torchvision
 
 from conftest import distill_config
 from dfad_edge.checkpoint import InputSpec, model_checkpoint
-from dfad_edge.distill import DistillRun
+from dfad_edge.distill import DistillConfig, DistillRun
 from dfad_edge.distill.student_init import initialise_from_teacher, spaced_blocks
 from dfad_edge.errors import DfadError
 from dfad_edge.models import create_model
@@ -20,6 +21,7 @@ def test_blocks_are_evenly_spaced_with_the_first_and_last():
     assert spaced_blocks(9, 3) == [0, 4, 8]
     assert spaced_blocks(3, 2) == [0, 2]
     assert spaced_blocks(6, 2) == [0, 5]
+    assert spaced_blocks(6, 3) == [0, 3, 5]  # a half rounds up, always (not to the even neighbour)
     assert spaced_blocks(4, 4) == [0, 1, 2, 3]
     assert spaced_blocks(5, 1) == [0]
 
@@ -74,6 +76,27 @@ def test_a_student_of_another_family_stays_random_under_auto_and_is_refused_unde
                                    "auto")["why"] == "the teacher's layer1 has 3 blocks, the student's 9"
 
 
+def test_stages_are_found_in_the_module_tree_so_nested_stages_are_spaced_per_stage():
+    # torchvision's EfficientNet holds its stages in one Sequential of stages (features.N.M): B1 has B0's widths and
+    # more blocks per stage, so B0 takes evenly spaced blocks of each stage, not the first ones.
+    torch.manual_seed(0)
+    teacher, student = torchvision.models.efficientnet_b1(), torchvision.models.efficientnet_b0()
+    record = initialise_from_teacher(student, teacher, "auto")
+    assert record["blocks"]["features.4"] == [0, 2, 3] and "features" not in record["blocks"]
+    assert torch.equal(student.features[4][1].block[0][0].weight, teacher.features[4][2].block[0][0].weight)
+    assert torch.equal(student.features[0][0].weight, teacher.features[0][0].weight)
+
+
+def test_a_student_as_deep_as_its_teacher_is_not_a_copy_of_it():
+    teacher, student = _random_resnet("resnet20", 0), _random_resnet("resnet20", 1)
+    before = student.layer1[0].conv1.weight.clone()
+    assert initialise_from_teacher(student, teacher, "auto") == {"from": "random",
+                                                                 "why": "the student is as deep as the teacher"}
+    assert torch.equal(student.layer1[0].conv1.weight, before)
+    with pytest.raises(DfadError, match="as deep as the teacher"):
+        initialise_from_teacher(student, teacher, "teacher")
+
+
 def test_random_leaves_a_fitting_student_as_it_was():
     teacher, student = _random_resnet("resnet56", 0), _random_resnet("resnet20", 1)
     before = student.layer1[0].conv1.weight.clone()
@@ -95,3 +118,13 @@ def test_the_run_starts_its_student_from_the_teacher_and_records_it(tmp_path):
     resolved = json.loads((tmp_path / "run" / "config.json").read_text())["resolved"]
     assert resolved["student_init"]["from"] == "teacher"
     assert resolved["student_init"]["blocks"]["layer3"] == [0, 4, 8]
+    random_run = DistillRun(replace(config, student_init="random"), path, tmp_path / "random")
+    assert random_run.student_init == {"from": "random"}
+    assert not torch.equal(random_run.student.layer2[1].conv1.weight, teacher.layer2[4].conv1.weight)
+
+
+def test_configs_from_before_student_init_keep_their_random_student():
+    # A config.json written before the option existed (--config) describes a run whose student started at random.
+    old = {key: value for key, value in distill_config("dfad").to_dict().items() if key != "student_init"}
+    assert DistillConfig.from_dict({**old, "resolved": {}}).student_init == "random"
+    assert DistillConfig.from_dict(old).student_init == "auto"  # a hand-written config takes the default

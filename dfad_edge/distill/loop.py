@@ -137,8 +137,8 @@ class DistillRun:
             saved = self._read_state()
             refuse_another_world_size(saved.get("world_size", 1), self.last_path)
             # The saved config wins: a resumed run must be the same run.
-            # A run begun before recalibrate_bn existed goes on without it, as it began.
-            config = DistillConfig.from_dict({"recalibrate_bn": "off", **saved["config"]})
+            # A run begun before recalibrate_bn or student_init existed goes on as it began (its student was random).
+            config = DistillConfig.from_dict({"recalibrate_bn": "off", "student_init": "random", **saved["config"]})
             self.requested_amp, self.amp_choice = saved["amp_requested"], saved["amp_choice"]
         config.validate()
         method_options = split_across_ranks(config.options)
