@@ -550,6 +550,25 @@ def test_bad_settings_are_one_clear_line_before_anything_runs(tmp_path, digits_t
     assert not (tmp_path / "run").exists()
 
 
+def test_replayed_images_carry_the_teachers_own_logits_and_an_old_memory_gets_them_again(tmp_path, digits_teacher):
+    run = DistillRun(_tiny("dfad"), digits_teacher, tmp_path / "run")
+    for _ in range(3):  # 3 x 5 student steps of 32 fresh images: the memory (256) fills and wraps
+        run.method.iteration(0.5)
+    memory = run.method.replay
+    assert memory.count > memory.capacity
+    with torch.no_grad():
+        again = run.method._teacher_logits_of(memory.images.float())
+    # Kept logits are the frozen teacher's for the stored image (float16 storage may move a logit by a rounding).
+    assert torch.allclose(memory.logits, again, atol=0.05)
+    images, logits = memory.sample(16)
+    assert torch.allclose(logits, run.method._teacher_logits_of(images), atol=0.05)
+    # A last.pt written before the memory kept logits resumes with them recomputed.
+    old = {k: v for k, v in memory.state().items() if k != "logits"}
+    fresh = DistillRun(_tiny("dfad"), digits_teacher, tmp_path / "other")
+    fresh.method.replay.load(old, fresh.setup.device, fresh.method._teacher_logits_of)
+    assert torch.allclose(fresh.method.replay.logits, again, atol=1e-5)
+
+
 def test_a_replay_memory_smaller_than_a_batch_is_refused():
     config = apply_overrides(preset_config("dfad", "tiny"), ["replay_size=10", "batch_size=128"])
     with pytest.raises(DfadError, match="must hold one batch"):
