@@ -118,13 +118,19 @@ def test_the_run_starts_its_student_from_the_teacher_and_records_it(tmp_path):
     resolved = json.loads((tmp_path / "run" / "config.json").read_text())["resolved"]
     assert resolved["student_init"]["from"] == "teacher"
     assert resolved["student_init"]["blocks"]["layer3"] == [0, 4, 8]
+    # Copied layers are fine-tuned: the student's rate is the method's times lr_scale_from_teacher, and said so.
+    assert resolved["student_init"]["lr_student"] == pytest.approx(config.options.lr_student * 0.3)
+    assert run.method.options.lr_student == pytest.approx(config.options.lr_student * 0.3)
     random_run = DistillRun(replace(config, student_init="random"), path, tmp_path / "random")
     assert random_run.student_init == {"from": "random"}
+    assert random_run.method.options.lr_student == config.options.lr_student
     assert not torch.equal(random_run.student.layer2[1].conv1.weight, teacher.layer2[4].conv1.weight)
 
 
-def test_configs_from_before_student_init_keep_their_random_student():
+def test_configs_from_before_student_init_keep_their_random_student_and_its_rate():
     # A config.json written before the option existed (--config) describes a run whose student started at random.
-    old = {key: value for key, value in distill_config("dfad").to_dict().items() if key != "student_init"}
+    old = {key: value for key, value in distill_config("dfad").to_dict().items()
+           if key not in ("student_init", "lr_scale_from_teacher")}
     assert DistillConfig.from_dict({**old, "resolved": {}}).student_init == "random"
+    assert DistillConfig.from_dict({**old, "resolved": {}}).lr_scale_from_teacher == 1.0
     assert DistillConfig.from_dict(old).student_init == "auto"  # a hand-written config takes the default

@@ -36,6 +36,9 @@ class DistillConfig:
     student_init: str = option("auto", "the student's first weights: teacher copies the teacher's layers into a "
                                "student of its family with fewer blocks per stage (evenly spaced blocks, as DistilBERT "
                                "does), random never does, auto does where the layers fit", choices=STUDENT_INITS)
+    lr_scale_from_teacher: float = option(0.3, "factor on the method's lr_student where the student starts from the "
+                                          "teacher's layers: copied layers are fine-tuned, not trained from scratch "
+                                          "(1 keeps the method's rate)", above=0, max=1)
     epochs: int = option(100, "epochs: evaluation, diagnostics and checkpoints happen at each epoch's end", min=1)
     iters_per_epoch: int = option(20, "method iterations per epoch (with a budget: as many as fit)", min=1)
     budget_minutes: float | None = option(None, "train for this long; the schedule is planned to end then", above=0)
@@ -88,9 +91,10 @@ class DistillConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "DistillConfig":
-        # A run's config.json written before student_init existed describes a student that started at random.
+        # A run's config.json written before student_init (or its learning-rate factor) existed describes a student
+        # that started at random (or was copied and trained at the method's rate).
         if "resolved" in data:
-            data = {"student_init": "random", **data}
+            data = {"student_init": "random", "lr_scale_from_teacher": 1.0, **data}
         # A run's config.json also records facts about the run (teacher, eval data, what was resolved): not options.
         data = {key: value for key, value in data.items() if key not in RUN_FACTS}
         method = data.get("method", "pool")
