@@ -563,6 +563,14 @@ def test_replayed_images_carry_the_teachers_own_logits_and_an_old_memory_gets_th
     assert torch.allclose(memory.logits, again, atol=0.05)
     images, logits = memory.sample(16)
     assert torch.allclose(logits, run.method._teacher_logits_of(images), atol=0.05)
+    # And the student learns each image, fresh or replayed, against the teacher's logits for that image.
+    seen, targets = [], []
+    student_forward, student_loss = run.setup.student_forward, run.method.student_loss
+    run.setup.student_forward = lambda batch: seen.append(batch.detach().clone()) or student_forward(batch)
+    run.method.student_loss = lambda output, target: targets.append(target) or student_loss(output, target)
+    run.method.student_step()
+    with torch.no_grad():
+        assert torch.allclose(targets[0], run.method._teacher_logits_of(seen[0]), atol=0.05)
     # A last.pt written before the memory kept logits resumes with them recomputed.
     old = {k: v for k, v in memory.state().items() if k != "logits"}
     fresh = DistillRun(_tiny("dfad", amp="off"), digits_teacher, tmp_path / "other")

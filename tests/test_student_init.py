@@ -119,8 +119,13 @@ def test_the_run_starts_its_student_from_the_teacher_and_records_it(tmp_path):
     assert resolved["student_init"]["from"] == "teacher"
     assert resolved["student_init"]["blocks"]["layer3"] == [0, 4, 8]
     # Copied layers are fine-tuned: the student's rate is the method's times lr_scale_from_teacher, and said so.
-    assert resolved["student_init"]["lr_student"] == pytest.approx(config.options.lr_student * 0.3)
-    assert run.method.options.lr_student == pytest.approx(config.options.lr_student * 0.3)
+    rate = config.options.lr_student * config.lr_scale_from_teacher
+    assert config.lr_scale_from_teacher < 1 and resolved["student_init"]["lr_student"] == pytest.approx(rate)
+    assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])["lr_student"] == pytest.approx(rate)
+    # Its config.json keeps the method's rate: the run repeated from it (--config) is scaled once, not twice.
+    again = DistillRun(DistillConfig.from_dict(json.loads((tmp_path / "run" / "config.json").read_text())), path,
+                       tmp_path / "again")
+    assert again.method.optimizer_s.param_groups[0]["lr"] == pytest.approx(rate)
     random_run = DistillRun(replace(config, student_init="random"), path, tmp_path / "random")
     assert random_run.student_init == {"from": "random"}
     assert random_run.method.options.lr_student == config.options.lr_student

@@ -20,8 +20,12 @@ from .prior import PriorOptions
 from .student_init import STUDENT_INITS
 
 KINDS = ("tiny", "small", "large")
+MethodOptions = DfadOptions | PoolOptions | PriorOptions
 RUN_FACTS = ("teacher", "eval_data", "data_dir", "resolved")
 # channels_last was a boolean before it could be auto: run folders and --set spellings of that time still work.
+# A run saved (last.pt) or described (config.json) before these options existed ran without them: it resumes, or is
+# repeated, as it ran (a student from random weights; a copied one trained at the method's rate).
+BEFORE_STUDENT_INIT = {"student_init": "random", "lr_scale_from_teacher": 1.0}
 BOOLEAN_CHANNELS_LAST = {"true": "on", "1": "on", "yes": "on", "false": "off", "0": "off", "no": "off"}
 
 
@@ -36,9 +40,9 @@ class DistillConfig:
     student_init: str = option("auto", "the student's first weights: teacher copies the teacher's layers into a "
                                "student of its family with fewer blocks per stage (evenly spaced blocks, as DistilBERT "
                                "does), random never does, auto does where the layers fit", choices=STUDENT_INITS)
-    lr_scale_from_teacher: float = option(0.3, "factor on the method's lr_student where the student starts from the "
-                                          "teacher's layers: copied layers are fine-tuned, not trained from scratch "
-                                          "(1 keeps the method's rate)", above=0, max=1)
+    lr_scale_from_teacher: float = option(0.3, "factor on the method's lr_student (preset or --set) where the student "
+                                          "starts from the teacher's layers: copied layers are fine-tuned, not "
+                                          "trained from scratch (1 keeps the method's rate)", above=0, max=1)
     epochs: int = option(100, "epochs: evaluation, diagnostics and checkpoints happen at each epoch's end", min=1)
     iters_per_epoch: int = option(20, "method iterations per epoch (with a budget: as many as fit)", min=1)
     budget_minutes: float | None = option(None, "train for this long; the schedule is planned to end then", above=0)
@@ -68,7 +72,7 @@ class DistillConfig:
                                  "weights)", choices=("auto", "on", "off"))
     sample_images: int = option(64, "images in each epoch's sample grid", min=1)
     log_every: int = option(10, "iterations between reading losses back to the host (NaN check, progress bar)", min=1)
-    options: DfadOptions | PoolOptions | PriorOptions = field(default_factory=PoolOptions, metadata={"help": "the method's options"})
+    options: MethodOptions = field(default_factory=PoolOptions, metadata={"help": "the method's options"})
 
     def validate(self) -> None:
         self.channels_last = BOOLEAN_CHANNELS_LAST.get(str(self.channels_last).lower(), self.channels_last)
@@ -91,10 +95,8 @@ class DistillConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "DistillConfig":
-        # A run's config.json written before student_init (or its learning-rate factor) existed describes a student
-        # that started at random (or was copied and trained at the method's rate).
         if "resolved" in data:
-            data = {"student_init": "random", "lr_scale_from_teacher": 1.0, **data}
+            data = {**BEFORE_STUDENT_INIT, **data}
         # A run's config.json also records facts about the run (teacher, eval data, what was resolved): not options.
         data = {key: value for key, value in data.items() if key not in RUN_FACTS}
         method = data.get("method", "pool")

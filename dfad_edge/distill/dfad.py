@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -69,7 +70,9 @@ class ReplayMemory:
     the student from forgetting regions of input space the generator has moved away from. The teacher is frozen, so
     its logits for an image never change: kept, they spare a teacher forward for every replayed image (half of each
     student batch). Images in float16: half the memory (8192 images at 224 px: 2.5 GB, not 4.9), and they are
-    standardised (unit variance), far inside its range."""
+    standardised (unit variance), far inside its range. An image's logits are the teacher's for it before that
+    rounding (a float16 rounding apart, against a teacher forward saved); logits stay float32 (8192 x 1000
+    classes: 33 MB)."""
 
     def __init__(self, capacity: int):
         self.capacity, self.images, self.logits, self.count = capacity, None, None, 0
@@ -96,17 +99,22 @@ class ReplayMemory:
     def state(self) -> dict:
         return {"images": self.images, "logits": self.logits, "count": self.count}
 
-    def load(self, state: dict, device: torch.device, teacher_logits) -> None:
+    def load(self, state: dict, device: torch.device,
+             teacher_logits: Callable[[torch.Tensor], torch.Tensor]) -> None:
         self.images = state["images"].to(device) if state["images"] is not None else None
         self.count = state["count"]
         self.logits = state.get("logits")
         if self.logits is not None:
             self.logits = self.logits.to(device)
         elif self.images is not None:
-            # A last.pt from before the memory kept logits: the frozen teacher gives the same ones again.
+            # A last.pt from before the memory kept logits: the frozen teacher gives the same ones again, for the rows
+            # filled so far (the others are written before they can be drawn).
+            filled = min(self.count, self.capacity)
             with torch.no_grad():
-                self.logits = torch.cat([teacher_logits(self.images[i:i + 256].float())
-                                         for i in range(0, len(self.images), 256)])
+                kept = torch.cat([teacher_logits(self.images[i:min(i + 256, filled)].float())
+                                  for i in range(0, filled, 256)])
+            self.logits = torch.zeros((self.capacity, kept.shape[1]), device=device)
+            self.logits[:filled] = kept
 
 
 class AdversarialGenerator:

@@ -41,7 +41,7 @@ from ..models.frozen import CompiledInference, cast_if_it_agrees, fold_batchnorm
 from ..progress import log, new_progress
 from ..runtime import (autocast_dtype, cpu_bf16_instructions, peak_memory_mb, resolve_device, restore_rng_state, rng_state,
                        seed_everything)
-from .config import DistillConfig
+from .config import BEFORE_STUDENT_INIT, DistillConfig, MethodOptions
 from .diagnostics import collapse_diagnostics, collapse_warning
 from .autocast_choice import FORMATS, choose_speed_settings
 from .bn_recalibration import has_slow_batchnorm, recalibrate_batchnorm
@@ -137,9 +137,8 @@ class DistillRun:
             saved = self._read_state()
             refuse_another_world_size(saved.get("world_size", 1), self.last_path)
             # The saved config wins: a resumed run must be the same run.
-            # A run begun before recalibrate_bn, student_init or its learning-rate factor existed goes on as it began.
-            config = DistillConfig.from_dict({"recalibrate_bn": "off", "student_init": "random",
-                                              "lr_scale_from_teacher": 1.0, **saved["config"]})
+            # A run begun before recalibrate_bn or student_init existed goes on as it began.
+            config = DistillConfig.from_dict({"recalibrate_bn": "off", **BEFORE_STUDENT_INIT, **saved["config"]})
             self.requested_amp, self.amp_choice = saved["amp_requested"], saved["amp_choice"]
         config.validate()
         method_options = split_across_ranks(config.options)
@@ -160,20 +159,24 @@ class DistillRun:
         seed_everything(config.seed)
         self.student_spec = self._student_spec()
         self.setup = self._build_setup()
-        self.method: DistillMethod = method_class(config.method)(self.setup, self._student_rate(method_options))
+        self.method: DistillMethod = method_class(config.method)(self.setup,
+                                                                 self._options_at_student_rate(method_options))
         self._refuse_evaluation_sources()
         if is_distributed():
             # Every rank built the same networks from the run's seed (DDP requires it); each now draws its own numbers.
             seed_everything(self.rank_seeds()[rank()])
 
-    def _student_rate(self, options):
+    def _options_at_student_rate(self, options: MethodOptions) -> MethodOptions:
         """The method's options with lr_student scaled by lr_scale_from_teacher where the student starts from the
-        teacher's layers: the rate that trains a network from scratch throws copied layers away (CIFAR-10, 10
-        minutes: 65.8% at 0.1, 70.9% at 0.03; docs/results.md). Recorded in the student_init record."""
+        teacher's layers: the rate that trains a network from scratch throws copied layers away (docs/results.md,
+        "The student's learning rate"). The config keeps the method's rate, so a resumed run scales it once again,
+        not twice; the rate used goes into the student_init record."""
         if self.student_init["from"] != "teacher":
             return options
         rate = options.lr_student * self.config.lr_scale_from_teacher
         self.student_init["lr_student"] = rate
+        log(f"student starts from the teacher's layers (blocks per stage: {self.student_init['blocks']}), "
+            f"lr_student {options.lr_student:g} x {self.config.lr_scale_from_teacher:g} = {rate:g}")
         return replace(options, lr_student=rate)
 
     def _decide_speed_settings(self, config: DistillConfig, batch_size: int) -> DistillConfig:
@@ -239,9 +242,6 @@ class DistillRun:
         teacher = teacher_ckpt.build_model().to(self.device).eval().requires_grad_(False)
         self.student = create_model(config.student_arch, **self.student_kwargs).to(self.device)
         self.student_init = initialise_from_teacher(self.student, teacher, config.student_init)
-        if self.student_init["from"] == "teacher":
-            log(f"student starts from the teacher's layers (blocks per stage: {self.student_init['blocks']}), its "
-                f"learning rate scaled by {config.lr_scale_from_teacher}")
         self.recalibrates_bn = config.recalibrate_bn == "on" or (config.recalibrate_bn == "auto"
                                                                  and has_slow_batchnorm(self.student))
         channels_last = config.channels_last == "on"  # made concrete by then (auto is decided first)
