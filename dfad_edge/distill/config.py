@@ -177,7 +177,7 @@ PRESETS["prior"] = {
 # The method ``--method auto`` picks for each kind of data: the one that measured better at the same budget
 # (docs/results.md, "Choosing the default"): on tiny images the image prior (digits 98.44% against 97.71%, CIFAR-10 at
 # 16 px 53.5% against 48.5%, 3 seeds each), on small ones dfad (CIFAR-10, 30 minutes: 65.6% against 52.6%; both
-# with the student from the teacher's layers, 5 minutes: 57.4% against 31.4%), on large
+# with the student from the teacher's layers at the method's rate, 5 minutes: 57.4% against 31.4%), on large
 # ones the image prior (ResNet-18 teachers, 30 minutes: at 224 px 39.85% against the published DFAD recipe's 10.0%,
 # which needs over 20 GB at its batch of 256; at 96 px 48.35% against 10.0%; docs/results.md, "Large images").
 DEFAULT_METHOD = {"tiny": "prior", "small": "dfad", "large": "prior"}
