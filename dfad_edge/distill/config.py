@@ -22,10 +22,10 @@ from .student_init import STUDENT_INITS
 KINDS = ("tiny", "small", "large")
 MethodOptions = DfadOptions | PoolOptions | PriorOptions
 RUN_FACTS = ("teacher", "eval_data", "data_dir", "resolved")
-# channels_last was a boolean before it could be auto: run folders and --set spellings of that time still work.
 # A run saved (last.pt) or described (config.json) before these options existed ran without them: it resumes, or is
 # repeated, as it ran (a student from random weights; a copied one trained at the method's rate).
 BEFORE_STUDENT_INIT = {"student_init": "random", "lr_scale_from_teacher": 1.0}
+# channels_last was a boolean before it could be auto: run folders and --set spellings of that time still work.
 BOOLEAN_CHANNELS_LAST = {"true": "on", "1": "on", "yes": "on", "false": "off", "0": "off", "no": "off"}
 
 
