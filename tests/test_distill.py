@@ -306,6 +306,14 @@ def test_logged_learning_rate_is_the_one_the_epoch_trained_with(tmp_path, digits
     # Stepped once per epoch (as the paper's MultiStepLR): two epochs at the base rate, then the drop. Logged after
     # the scheduler stepped, epoch 2's line would already show the dropped rate.
     assert rates == pytest.approx([0.05, 0.05, 0.005])
+    generator_rates = [m["lr_generator"] for m in _metrics(tmp_path / "run")]
+    assert generator_rates == pytest.approx([1e-3, 1e-3, 1e-4])
+    # A constant generator rate leaves the student's schedule as it was.
+    constant = _tiny("dfad", epochs=3, options={"milestones": (2,), "generator_schedule": "constant"})
+    DistillRun(constant, digits_teacher, tmp_path / "constant").run()
+    metrics = _metrics(tmp_path / "constant")
+    assert [m["lr_student"] for m in metrics] == pytest.approx([0.05, 0.05, 0.005])
+    assert [m["lr_generator"] for m in metrics] == pytest.approx([1e-3, 1e-3, 1e-3])
 
 
 def test_a_time_budget_ends_the_run_on_time_with_the_learning_rate_run_down(tmp_path, digits_teacher):

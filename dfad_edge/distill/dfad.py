@@ -36,6 +36,8 @@ class DfadOptions:
     momentum: float = option(0.9, "student SGD momentum", min=0, below=1)
     weight_decay: float = option(5e-4, "student SGD weight decay", min=0)
     lr_generator: float = option(1e-3, "generator Adam learning rate", above=0)
+    generator_schedule: str = option("scheduled", "the generator's rate: scheduled (as the student's, the paper) or "
+                                     "constant", choices=("scheduled", "constant"))
     scheduler: str = option("multistep", "LR schedule of both, stepped once per epoch", choices=SCHEDULES)
     milestones: tuple[int, ...] = option((100, 200), "epochs where multistep multiplies the LRs by gamma", min=1)
     step_size: int = option(100, "epochs between drops for scheduler=step", min=1)
@@ -210,7 +212,10 @@ class DfadMethod(DistillMethod):
         factor = lr_factor(options.scheduler, epoch_progress(progress, self.setup.epochs), self.setup.epochs,
                            options.milestones, options.step_size, options.gamma)
         set_lr(self.optimizer_s, options.lr_student * factor)
-        set_lr(self.adversary.optimizer, options.lr_generator * factor)
+        # Constant, the generator keeps moving to new images until the end, while the student's rate runs down: a
+        # decayed generator all but stops, and the last epochs teach (and replay) a narrow set of images.
+        generator_factor = factor if options.generator_schedule == "scheduled" else 1.0
+        set_lr(self.adversary.optimizer, options.lr_generator * generator_factor)
 
     def learning_rates(self) -> dict[str, float]:
         return {"lr_student": self.optimizer_s.param_groups[0]["lr"],
