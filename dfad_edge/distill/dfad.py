@@ -38,7 +38,8 @@ class DfadOptions:
     lr_generator: float = option(1e-3, "generator Adam learning rate", above=0)
     generator_schedule: str = option("scheduled", "the generator's rate: scheduled (as the student's, the paper) or "
                                      "constant", choices=("scheduled", "constant"))
-    scheduler: str = option("multistep", "LR schedule of both, stepped once per epoch", choices=SCHEDULES)
+    scheduler: str = option("multistep", "LR schedule of the student and (unless generator_schedule=constant) the "
+                            "generator, stepped once per epoch", choices=SCHEDULES)
     milestones: tuple[int, ...] = option((100, 200), "epochs where multistep multiplies the LRs by gamma", min=1)
     step_size: int = option(100, "epochs between drops for scheduler=step", min=1)
     gamma: float = option(0.1, "LR factor at each drop", above=0, max=1)
@@ -212,8 +213,9 @@ class DfadMethod(DistillMethod):
         factor = lr_factor(options.scheduler, epoch_progress(progress, self.setup.epochs), self.setup.epochs,
                            options.milestones, options.step_size, options.gamma)
         set_lr(self.optimizer_s, options.lr_student * factor)
-        # Constant, the generator keeps moving to new images until the end, while the student's rate runs down: a
-        # decayed generator all but stops, and the last epochs teach (and replay) a narrow set of images.
+        # Constant, the generator keeps moving to new images until the end while the student's rate runs down (our
+        # reading of why it led at 30 minutes: a decayed generator all but stops, so the last epochs replay a narrow
+        # set of images; docs/results.md, "Other images, other generators").
         generator_factor = factor if options.generator_schedule == "scheduled" else 1.0
         set_lr(self.adversary.optimizer, options.lr_generator * generator_factor)
 
