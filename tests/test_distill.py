@@ -17,6 +17,7 @@ from dfad_edge.distill import DistillRun, RunInterrupted, apply_overrides, prese
 from dfad_edge.distill.config import RUN_FACTS, DistillConfig
 from dfad_edge.distill.diagnostics import collapse_diagnostics, collapse_warning, mean_pairwise_distance, normalised_entropy
 from dfad_edge.distill.losses import class_balance_loss
+from dfad_edge.distill.weight_average import WeightAverage
 from dfad_edge.errors import DfadError
 from dfad_edge.evaluate import evaluate_checkpoint
 
@@ -328,11 +329,12 @@ def test_a_time_budget_ends_the_run_on_time_with_the_learning_rate_run_down(tmp_
     assert all(m["iterations"] >= 1 for m in metrics)
 
 
-@pytest.mark.parametrize("method", ["pool", "dfad", "prior"])
-def test_resume_after_sigterm_reaches_the_same_student(tmp_path, digits_teacher, monkeypatch, method):
-    DistillRun(_tiny(method), digits_teacher, tmp_path / "straight").run()
+@pytest.mark.parametrize("method,changes", [("pool", {}), ("dfad", {}), ("prior", {}),
+                                            ("dfad", {"average_epochs": 1.0})])  # the weight average resumes too
+def test_resume_after_sigterm_reaches_the_same_student(tmp_path, digits_teacher, monkeypatch, method, changes):
+    DistillRun(_tiny(method, **changes), digits_teacher, tmp_path / "straight").run()
 
-    interrupted = DistillRun(_tiny(method), digits_teacher, tmp_path / "interrupted")
+    interrupted = DistillRun(_tiny(method, **changes), digits_teacher, tmp_path / "interrupted")
     calls = []
     real_iteration = interrupted.method.iteration
 
@@ -349,11 +351,43 @@ def test_resume_after_sigterm_reaches_the_same_student(tmp_path, digits_teacher,
     state = safe_torch_load(tmp_path / "interrupted" / "last.pt")
     assert (state["epoch"], state["iteration"]) == (1, 2)
 
-    DistillRun(_tiny(method), digits_teacher, tmp_path / "interrupted", resume=True).run()
+    DistillRun(_tiny(method, **changes), digits_teacher, tmp_path / "interrupted", resume=True).run()
     straight = load_checkpoint(tmp_path / "straight" / "student.pt").state_dict
     resumed = load_checkpoint(tmp_path / "interrupted" / "student.pt").state_dict
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
     assert [m["epoch"] for m in _metrics(tmp_path / "interrupted")] == [1, 2, 3]
+
+
+def test_the_weight_average_moves_by_one_epochs_iterations_share_and_copies_batch_counts():
+    student = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+    average = WeightAverage(student, epochs=2.0, iterations_per_epoch=5)
+    start = average.model[0].weight.clone()
+    with torch.no_grad():
+        student[0].weight.add_(1.0)
+    student[1].num_batches_tracked.fill_(7)
+    average.update()
+    # 1 / (2 epochs x 5 iterations) of the way to the student's weights; the batch count is the student's.
+    assert torch.allclose(average.model[0].weight, start + 0.1)
+    assert int(average.model[1].num_batches_tracked) == 7
+    average.epoch_ended(iterations=50)  # a budgeted epoch ran 50 iterations: the next updates move 1 / 100
+    average.update()
+    assert torch.allclose(average.model[0].weight, start + 0.1 + 0.9 / 100)
+    assert not average.model.training and not any(p.requires_grad for p in average.model.parameters())
+
+
+def test_a_run_with_a_weight_average_ships_the_average_and_reports_both_accuracies(tmp_path, digits_teacher):
+    out = tmp_path / "run"
+    result = DistillRun(_tiny("dfad", average_epochs=1.0), digits_teacher, out, eval_data="digits").run()
+    state = safe_torch_load(out / "last.pt")
+    shipped = load_checkpoint(out / "student.pt").state_dict
+    averaged, trained = state["average"]["model"], state["student"]
+    assert all(torch.equal(shipped[k], averaged[k]) for k in shipped)
+    assert any(not torch.equal(shipped[k], trained[k]) for k in shipped)  # not the student as trained
+    last = _metrics(out)[-1]
+    assert set(last["accuracy"]) == set(last["accuracy_unaveraged"])
+    assert result["shipped"]["test_accuracy"] == last["accuracy"] and "averaged" in result["shipped"]["selection"]
+    assert evaluate_checkpoint(out / "student.pt", "digits", torch.device("cpu"))["accuracy"]["100%"] == \
+        pytest.approx(last["accuracy"]["100%"], abs=1e-6)
 
 
 def test_a_stop_asked_for_while_an_epoch_ends_runs_no_further_iteration(tmp_path, digits_teacher, monkeypatch):

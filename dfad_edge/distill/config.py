@@ -43,6 +43,8 @@ class DistillConfig:
     lr_scale_from_teacher: float = option(0.3, "factor on the method's lr_student (preset or --set) where the student "
                                           "starts from the teacher's layers: copied layers are fine-tuned, not "
                                           "trained from scratch (1 keeps the method's rate)", above=0, max=1)
+    average_epochs: float = option(0.0, "ship an exponential moving average of the student's weights and BatchNorm "
+                                   "statistics over about this many last epochs (0: the student as trained)", min=0)
     epochs: int = option(100, "epochs: evaluation, diagnostics and checkpoints happen at each epoch's end", min=1)
     iters_per_epoch: int = option(20, "method iterations per epoch (with a budget: as many as fit)", min=1)
     budget_minutes: float | None = option(None, "train for this long; the schedule is planned to end then", above=0)

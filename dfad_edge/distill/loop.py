@@ -48,6 +48,7 @@ from .bn_recalibration import has_slow_batchnorm, recalibrate_batchnorm
 from .method import DistillMethod, Setup, method_class
 from .samples import save_sample_grid
 from .student_init import initialise_from_teacher
+from .weight_average import WeightAverage
 
 STATE_FORMAT = "dfad-edge-distill-state/4"
 SYNTHETIC_FORMAT = "dfad-edge-synthetic/1"
@@ -159,6 +160,8 @@ class DistillRun:
         seed_everything(config.seed)
         self.student_spec = self._student_spec()
         self.setup = self._build_setup()
+        self.average = (WeightAverage(self.student, config.average_epochs, config.iters_per_epoch)
+                        if config.average_epochs > 0 else None)
         self.method: DistillMethod = method_class(config.method)(self.setup,
                                                                  self._options_at_student_rate(method_options))
         self._refuse_evaluation_sources()
@@ -297,10 +300,15 @@ class DistillRun:
         model.train(model is self.student)
         return accuracy
 
+    @property
+    def shipped_student(self) -> nn.Module:
+        """What student.pt holds: the weight average where average_epochs is on, else the student as trained."""
+        return self.average.model if self.average is not None else self.student
+
     def save_student(self, epoch: int) -> None:
         """The shipped student, this epoch's: written every epoch (it is small), so a stopped run ships its last epoch.
         Nothing here depends on evaluation: a run with and without --eval-data writes the same file."""
-        model_checkpoint(self.student, self.config.student_arch, self.student_kwargs, self.num_classes, self.student_spec,
+        model_checkpoint(self.shipped_student, self.config.student_arch, self.student_kwargs, self.num_classes, self.student_spec,
                          self.teacher_checkpoint.class_names, "distill", teacher=str(self.teacher_path), epoch=epoch,
                          method=self.config.method, preset=self.config.preset).save(self.out / "student.pt")
 
@@ -360,6 +368,7 @@ class DistillRun:
             "format": STATE_FORMAT, "config": self.config.to_dict(), "epoch": epoch, "iteration": iteration,
             "amp_requested": self.requested_amp, "amp_choice": self.amp_choice,
             "world_size": world_size(), "student": self.student.state_dict(), "method": own["method"],
+            "average": self.average.state_dict() if self.average is not None else None,
             "rng": own["rng"], "other_ranks": ranks[1:],
             "accumulators": {**{k: v for k, v in accumulators.items() if not torch.is_tensor(v)}, **losses},
             "epoch_start": epoch_start, "teacher_accuracy": self.teacher_accuracy, "elapsed_s": elapsed,
@@ -377,6 +386,8 @@ class DistillRun:
         state = self._read_state()
         own = state if is_main() else state["other_ranks"][rank() - 1]
         self.student.load_state_dict(state["student"])
+        if self.average is not None:
+            self.average.load_state_dict(state["average"])
         self.method.load_state_dict({**state["method"], **own["method"]}, self.rank_folder)
         restore_rng_state(own["rng"], self.device)
         self.teacher_accuracy = state["teacher_accuracy"]
@@ -472,6 +483,8 @@ class DistillRun:
                     if self.epoch_done(epoch, iteration, seconds):
                         break
                     terms = self.method.iteration(self.progress(epoch, iteration, seconds))
+                    if self.average is not None:
+                        self.average.update()
                     if iteration == 0:
                         epoch_start.update(self.method.learning_rates())  # the rates this epoch trained with
                     iteration += 1
@@ -542,6 +555,8 @@ class DistillRun:
                   **{k: v for k, v in epoch_start.items() if k.startswith("lr_")},
                   "images_per_s": round(images_seen * world_size() / max(seconds, 1e-9), 1),
                   "elapsed_s": round(self.stopwatch.seconds, 1), "peak_memory_mb": peak_memory_mb(self.device)}
+        if self.average is not None:
+            self.average.epoch_ended(iterations)
         if self.recalibrates_bn:  # on every rank: synchronised BatchNorm layers add the ranks' statistics
             self._recalibrate_student()
         # On every rank: a method may synchronise BatchNorm layers across ranks while it makes these (DFAD's generator).
@@ -560,8 +575,11 @@ class DistillRun:
             self.save_student(epoch)
         if self.eval_source is not None and (epoch % config.eval_every == 0 or final):
             with self.stopwatch.excluding():
-                record["accuracy"] = self.evaluate(self.student, self.student_spec, "  eval")
+                record["accuracy"] = self.evaluate(self.shipped_student, self.student_spec, "  eval")
+                if self.average is not None:  # observed only: what the average adds
+                    record["accuracy_unaveraged"] = self.evaluate(self.student, self.student_spec, "  eval unaveraged")
         log(f"epoch {epoch}: " + (f"student {record['accuracy']['100%']:.2%}, " if "accuracy" in record else "")
+            + (f"unaveraged {record['accuracy_unaveraged']['100%']:.2%}, " if "accuracy_unaveraged" in record else "")
             + f"student loss {record.get('loss_student', 0):.4f}, classes {diagnostics['classes_predicted']}/"
             f"{self.num_classes}, entropy {diagnostics['class_entropy']:.2f}, diversity {diagnostics['image_diversity']:.2f}")
         append_jsonl(self.out / "metrics.jsonl", record)
@@ -570,22 +588,25 @@ class DistillRun:
         """The running statistics every saved and evaluated student carries: computed on the method's images now,
         not averaged over weights long gone (see bn_recalibration). Counted in training time: it makes the student.
         The images are drawn as synthetic.pt's (not the diagnostic images, which would then flatter the agreement)."""
+        student = self.shipped_student
+
         def forward(batch: torch.Tensor) -> None:
             with self.setup.autocast():
-                self.student(self.setup.to_memory_format(batch))
+                student(self.setup.to_memory_format(batch))
 
         images = self.method.calibration_images(self.config.diagnostic_images, seed=self.config.seed + 2)
-        recalibrate_batchnorm(self.student, images, forward, self.method.student_batch_size)
+        recalibrate_batchnorm(student, images, forward, self.method.student_batch_size)
 
     @torch.no_grad()
     def _student_agreement(self, images: torch.Tensor, teacher_logits: torch.Tensor) -> float:
         """Top-1 agreement of student and teacher on the diagnostic synthetic images: a data-free progress signal."""
-        was_training = self.student.training
-        self.student.eval()
+        student = self.shipped_student
+        was_training = student.training
+        student.eval()
         with self.setup.autocast():
-            predicted = torch.cat([self.student(self.setup.to_memory_format(images[i:i + 256])).argmax(1)
+            predicted = torch.cat([student(self.setup.to_memory_format(images[i:i + 256])).argmax(1)
                                    for i in range(0, len(images), 256)])
-        self.student.train(was_training)
+        student.train(was_training)
         return round(float((predicted == teacher_logits.argmax(1)).float().mean()), 4)
 
     def _save_samples(self, epoch: int, images: torch.Tensor, teacher_logits: torch.Tensor) -> None:
@@ -604,7 +625,9 @@ class DistillRun:
                   "synthetic": str(self.out / "synthetic.pt"), "method": self.config.method, "preset": self.config.preset,
                   **self.method.provenance(),
                   "epochs_run": epochs_run, "epochs": self.config.epochs,
-                  "shipped": {"epoch": shipped.get("epoch"), "selection": "the last epoch (no labels are used to choose)",
+                  "shipped": {"epoch": shipped.get("epoch"), "selection": "the last epoch (no labels are used to choose)"
+                              + (f", weights averaged over about {self.config.average_epochs:g} epochs"
+                                 if self.average is not None else ""),
                               "test_accuracy": shipped.get("accuracy")},
                   "teacher_accuracy": self.teacher_accuracy, "train_seconds": round(self.stopwatch.seconds, 1)}
         if evaluated:
