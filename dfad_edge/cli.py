@@ -288,7 +288,8 @@ def distill(
     data_dir: Optional[Path] = DataDirOpt, download: bool = DownloadOpt, device: Optional[str] = typer.Option(None, "--device"),
 ) -> None:
     """Data-free distillation: synthesise images the teacher recognises and teach the student to agree with it on them.
-    No real data is used; --eval-data only observes. The student that ships (student.pt) is the last epoch's.
+    No real data is used; --eval-data only observes. The student that ships (student.pt) is the last epoch's
+    (its weight average with --set average_epochs=N).
     Under torchrun (torchrun --nproc-per-node N -m dfad_edge distill ...) N ranks share every batch."""
     from .distill import DistillRun
     from .distributed import is_main, torchrun_process_group

@@ -358,36 +358,51 @@ def test_resume_after_sigterm_reaches_the_same_student(tmp_path, digits_teacher,
     assert [m["epoch"] for m in _metrics(tmp_path / "interrupted")] == [1, 2, 3]
 
 
-def test_the_weight_average_moves_by_one_epochs_iterations_share_and_copies_batch_counts():
+def test_the_weight_average_is_the_mean_at_first_then_moves_by_one_epochs_share_and_resumes_alike():
     student = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
-    average = WeightAverage(student, epochs=2.0, iterations_per_epoch=5)
-    start = average.model[0].weight.clone()
-    with torch.no_grad():
-        student[0].weight.add_(1.0)
-    student[1].num_batches_tracked.fill_(7)
-    average.update()
-    # 1 / (2 epochs x 5 iterations) of the way to the student's weights; the batch count is the student's.
-    assert torch.allclose(average.model[0].weight, start + 0.1)
-    assert int(average.model[1].num_batches_tracked) == 7
-    average.epoch_ended(iterations=50)  # a budgeted epoch ran 50 iterations: the next updates move 1 / 100
-    average.update()
-    assert torch.allclose(average.model[0].weight, start + 0.1 + 0.9 / 100)
+    average = WeightAverage(student, epochs=2.0, iterations_per_epoch=2)
+    weights = []
+    for step in range(4):  # the student's weights at 1, 2, 3, 4 (and a growing batch count)
+        with torch.no_grad():
+            student[0].weight.fill_(step + 1.0)
+        student[1].num_batches_tracked.fill_(step + 1)
+        average.update()
+        weights.append(float(average.model[0].weight[0, 0]))
+    # The mean of the updates so far until 1 / (2 epochs x 2 iterations) is the larger share: 1, 1.5, 2, then 2.5.
+    assert weights == pytest.approx([1.0, 1.5, 2.0, 2.5])
+    assert int(average.model[1].num_batches_tracked) == 4  # counts are copied, not averaged
+    average.epoch_ended(iterations=1)  # a budgeted epoch ran 1 iteration: the next update moves 1 / (2 x 1)
+    resumed = WeightAverage(student, epochs=2.0, iterations_per_epoch=2)
+    resumed.load_state_dict(average.state_dict())
+    for each in (average, resumed):
+        each.update()
+    assert float(average.model[0].weight[0, 0]) == pytest.approx(2.5 + (4.0 - 2.5) / 2)
+    assert torch.equal(average.model[0].weight, resumed.model[0].weight)
     assert not average.model.training and not any(p.requires_grad for p in average.model.parameters())
 
 
 def test_a_run_with_a_weight_average_ships_the_average_and_reports_both_accuracies(tmp_path, digits_teacher):
     out = tmp_path / "run"
-    result = DistillRun(_tiny("dfad", average_epochs=1.0), digits_teacher, out, eval_data="digits").run()
+    config = _tiny("dfad", average_epochs=1.0)
+    first = {k: v.clone() for k, v in DistillRun(config, digits_teacher, tmp_path / "unused").student.state_dict().items()}
+    result = DistillRun(config, digits_teacher, out, eval_data="digits").run()
     state = safe_torch_load(out / "last.pt")
     shipped = load_checkpoint(out / "student.pt").state_dict
     averaged, trained = state["average"]["model"], state["student"]
     assert all(torch.equal(shipped[k], averaged[k]) for k in shipped)
-    assert any(not torch.equal(shipped[k], trained[k]) for k in shipped)  # not the student as trained
+    # Weights (not the BatchNorm statistics, which recalibrate_bn recomputes): neither the student as trained nor
+    # the student it started from.
+    weights = [k for k in shipped if "running_" not in k and "num_batches" not in k]
+    assert any(not torch.equal(shipped[k], trained[k]) for k in weights)
+    assert any(not torch.equal(shipped[k], first[k]) for k in weights)
     last = _metrics(out)[-1]
     assert set(last["accuracy"]) == set(last["accuracy_unaveraged"])
     assert result["shipped"]["test_accuracy"] == last["accuracy"] and "averaged" in result["shipped"]["selection"]
     assert evaluate_checkpoint(out / "student.pt", "digits", torch.device("cpu"))["accuracy"]["100%"] == \
         pytest.approx(last["accuracy"]["100%"], abs=1e-6)
+    summary = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "tools" / "summarize_run.py"), str(out)],
+                             capture_output=True, text=True, check=True).stdout
+    assert "unaveraged top-1" in summary and f"| {last['accuracy_unaveraged']['100%']:.2%} |" in summary
 
 
 def test_a_stop_asked_for_while_an_epoch_ends_runs_no_further_iteration(tmp_path, digits_teacher, monkeypatch):

@@ -18,15 +18,22 @@ def load_metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
+def top1(metric: dict, key: str) -> str:
+    return f"{metric[key]['100%']:.2%}" if metric.get(key) else ""
+
+
 def markdown(metrics: list[dict]) -> str:
-    lines = ["| epoch | train min | student top-1 | student loss | classes hit | class entropy | image diversity | warning |",
-             "|---|---|---|---|---|---|---|---|"]
+    # A run that ships a weight average (average_epochs) also shows the student as trained.
+    averaged = any("accuracy_unaveraged" in m for m in metrics)
+    extra = (" unaveraged top-1 |", "---|") if averaged else ("", "")
+    lines = [f"| epoch | train min | student top-1 |{extra[0]} student loss | classes hit | class entropy | "
+             "image diversity | warning |", f"|---|---|---|{extra[1]}---|---|---|---|---|"]
     for m in metrics:
-        accuracy = f"{m['accuracy']['100%']:.2%}" if m.get("accuracy") else ""
         c = m["collapse"]
-        lines.append(f"| {m['epoch']} | {m['elapsed_s'] / 60:.1f} | {accuracy} | {m['loss_student']:.3f} | "
-                     f"{c['classes_predicted']} | {c['class_entropy']:.2f} | {c['image_diversity']:.2f} | "
-                     f"{'yes' if m.get('warning') else ''} |")
+        unaveraged = f" {top1(m, 'accuracy_unaveraged')} |" if averaged else ""
+        lines.append(f"| {m['epoch']} | {m['elapsed_s'] / 60:.1f} | {top1(m, 'accuracy')} |{unaveraged} "
+                     f"{m['loss_student']:.3f} | {c['classes_predicted']} | {c['class_entropy']:.2f} | "
+                     f"{c['image_diversity']:.2f} | {'yes' if m.get('warning') else ''} |")
     return "\n".join(lines)
 
 
@@ -40,6 +47,10 @@ def plot(metrics: list[dict], path: Path) -> None:
     figure, left = plt.subplots(figsize=(7, 4))
     left.plot([m["elapsed_s"] / 60 for m in evaluated], [100 * m["accuracy"]["100%"] for m in evaluated], "o-",
               color="tab:blue", label="student top-1 (%)")
+    unaveraged = [m for m in evaluated if m.get("accuracy_unaveraged")]
+    if unaveraged:
+        left.plot([m["elapsed_s"] / 60 for m in unaveraged], [100 * m["accuracy_unaveraged"]["100%"] for m in unaveraged],
+                  "o:", color="tab:gray", label="student as trained, unaveraged (%)")
     left.set_xlabel("training time (min)")
     left.set_ylabel("student top-1 (%)")
     right = left.twinx()

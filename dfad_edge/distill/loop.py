@@ -587,15 +587,20 @@ class DistillRun:
     def _recalibrate_student(self) -> None:
         """The running statistics every saved and evaluated student carries: computed on the method's images now,
         not averaged over weights long gone (see bn_recalibration). Counted in training time: it makes the student.
-        The images are drawn as synthetic.pt's (not the diagnostic images, which would then flatter the agreement)."""
-        student = self.shipped_student
+        The images are drawn as synthetic.pt's (not the diagnostic images, which would then flatter the agreement).
+        With a weight average, the student as trained too: its accuracy_unaveraged must not read stale statistics."""
+        images = self.method.calibration_images(self.config.diagnostic_images, seed=self.config.seed + 2)
+        students = [self.student] + ([self.average.model] if self.average is not None else [])
+        for student in students:
+            recalibrate_batchnorm(student, images, self._student_forward_under_autocast(student),
+                                  self.method.student_batch_size)
 
+    def _student_forward_under_autocast(self, student: nn.Module):
         def forward(batch: torch.Tensor) -> None:
             with self.setup.autocast():
                 student(self.setup.to_memory_format(batch))
 
-        images = self.method.calibration_images(self.config.diagnostic_images, seed=self.config.seed + 2)
-        recalibrate_batchnorm(student, images, forward, self.method.student_batch_size)
+        return forward
 
     @torch.no_grad()
     def _student_agreement(self, images: torch.Tensor, teacher_logits: torch.Tensor) -> float:

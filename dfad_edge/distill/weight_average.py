@@ -5,7 +5,9 @@ Why: with a moving generator the student's BatchNorm statistics follow the newes
 student steps), and the last epochs' test accuracy moved by 0.4 to 0.9 points between readings a few minutes apart
 (docs/results.md). An average over the last epochs' weights and statistics is data-free and costs one in-place
 interpolation per iteration. The horizon is in epochs, not iterations, so it spans the same share of a run on a fast
-GPU and on a slow CPU: the decay per iteration follows the iterations the last epoch ran.
+GPU and on a slow CPU: the decay per iteration follows the iterations the last epoch ran. Early on the average is
+the plain mean of the updates so far (as timm's warm-up does), so the student's first weights do not linger in it, even
+while the first epoch of a time budget runs with a guessed number of iterations.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ class WeightAverage:
     (weights and running statistics) are averaged; integer ones (BatchNorm's batch counts) are copied."""
 
     def __init__(self, student: nn.Module, epochs: float, iterations_per_epoch: int):
-        self.epochs, self.iterations_per_epoch = epochs, iterations_per_epoch
+        self.epochs, self.iterations_per_epoch, self.updates = epochs, iterations_per_epoch, 0
         self.model = copy.deepcopy(student).eval().requires_grad_(False)
         self._pair_tensors(student)
 
@@ -34,23 +36,26 @@ class WeightAverage:
 
     @property
     def weight(self) -> float:
-        """The student's share in each update: about 1 / (the iterations of ``epochs`` epochs)."""
-        return min(1.0, 1.0 / (self.epochs * max(self.iterations_per_epoch, 1)))
+        """The student's share in the next update: about 1 / (the iterations of ``epochs`` epochs), or more while
+        fewer updates were made (the mean of those so far)."""
+        return max(1.0 / (self.epochs * max(self.iterations_per_epoch, 1)), 1.0 / (self.updates + 1))
 
     @torch.no_grad()
     def update(self) -> None:
         averaged, current = zip(*self.floats)
-        torch._foreach_lerp_(list(averaged), list(current), self.weight)
+        torch._foreach_lerp_(list(averaged), list(current), min(1.0, self.weight))
         for ours, theirs in self.counts:
             ours.copy_(theirs)
+        self.updates += 1
 
     def epoch_ended(self, iterations: int) -> None:
         """With a time budget an epoch's iterations are known only once it ran; the next epoch's updates use them."""
         self.iterations_per_epoch = iterations
 
     def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "iterations_per_epoch": self.iterations_per_epoch}
+        return {"model": self.model.state_dict(), "iterations_per_epoch": self.iterations_per_epoch,
+                "updates": self.updates}
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
-        self.iterations_per_epoch = state["iterations_per_epoch"]
+        self.iterations_per_epoch, self.updates = state["iterations_per_epoch"], state["updates"]
