@@ -6,8 +6,11 @@ student steps), and the last epochs' test accuracy moved by 0.4 to 0.9 points be
 (docs/results.md). An average over the last epochs' weights and statistics is data-free and costs one in-place
 interpolation per iteration. The horizon is in epochs, not iterations, so it spans the same share of a run on a fast
 GPU and on a slow CPU: the decay per iteration follows the iterations the last epoch ran. Early on the average is
-the plain mean of the updates so far (as timm's warm-up does), so the student's first weights do not linger in it, even
-while the first epoch of a time budget runs with a guessed number of iterations.
+the plain mean of the updates so far, so the student's first weights do not linger in it, even while the first epoch
+of a time budget runs with a guessed number of iterations.
+Measured on CIFAR-10 (docs/results.md, "A weight average of the student"): 2.6 points ahead of the student as trained
+mid-run, level at the end of a 30-minute run, whose cosine anneals the student itself: so it is off by default, an
+option for runs that may stop before their schedule ends.
 """
 
 from __future__ import annotations
