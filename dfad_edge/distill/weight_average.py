@@ -34,7 +34,8 @@ class WeightAverage:
         # State-dict tensors share storage with the modules' parameters and buffers (load_state_dict copies into
         # them), so these lists stay valid for the whole run: no dictionary is built per iteration.
         ours, theirs = self.model.state_dict(), student.state_dict()
-        self.floats = [(ours[k], theirs[k]) for k in ours if ours[k].is_floating_point()]
+        floats = [k for k in ours if ours[k].is_floating_point()]
+        self.averaged, self.current = [ours[k] for k in floats], [theirs[k] for k in floats]
         self.counts = [(ours[k], theirs[k]) for k in ours if not ours[k].is_floating_point()]
 
     @property
@@ -45,8 +46,7 @@ class WeightAverage:
 
     @torch.no_grad()
     def update(self) -> None:
-        averaged, current = zip(*self.floats)
-        torch._foreach_lerp_(list(averaged), list(current), min(1.0, self.weight))
+        torch._foreach_lerp_(self.averaged, self.current, min(1.0, self.weight))
         for ours, theirs in self.counts:
             ours.copy_(theirs)
         self.updates += 1
