@@ -20,10 +20,14 @@ from ..errors import DfadError
 from ..models import create_model
 from ..options import option
 from .losses import BatchNormStatistics, class_balance_loss, require_batchnorm, student_logit_loss
-from .method import (GENERATOR_FORMAT, DistillMethod, Setup, adam, generator_kwargs, register_method, scaled_step,
-                     student_optimizer)
+from .augment import random_shift_flip
+from .method import (FLIP_AGREEMENT, GENERATOR_FORMAT, DistillMethod, Setup, adam, generator_kwargs, register_method,
+                     scaled_step, student_optimizer)
 from .schedule import SCHEDULES, epoch_progress, lr_factor, set_lr
 
+# The generator's first images are noise, on which the teacher's flip agreement says nothing about its training data;
+# after this many generator steps (one epoch of the presets) they carry the teacher's BatchNorm statistics.
+FLIP_DECISION_ITERATIONS = 20
 
 
 @dataclass
@@ -50,6 +54,11 @@ class DfadOptions:
     class_balance: float = option(0.0, "remedy: weight of DAFL's class-balance term, 0 = off", min=0)
     replay_size: int = option(0, "remedy: past synthetic images replayed to the student, 0 = off", min=0, split=True)
     replay_fraction: float = option(0.5, "share of each student batch taken from the replay memory", min=0, below=1)
+    student_augment: bool = option(False, "shift (and, if the teacher is flip-invariant, mirror) each fresh generator "
+                                   "image before the teacher labels it for the student")
+    flip: str = option("auto", "mirror in student_augment; auto: only if the teacher's predictions survive a flip on "
+                       f"the generator's images after its first {FLIP_DECISION_ITERATIONS} steps",
+                       choices=("auto", "on", "off"))
 
     def validate(self, epochs: int) -> None:
         # The schedule counts epochs of this run: a drop on or after the last epoch would never happen.
@@ -207,6 +216,9 @@ class DfadMethod(DistillMethod):
         self.generator = self.adversary.generator
         self.optimizer_s, self.scaler_s = student_optimizer(setup, options)
         self.replay = ReplayMemory(options.replay_size)
+        self.generator_steps = 0
+        self.flip_allowed: bool | None = {"on": True, "off": False}.get(options.flip)
+        self.flip_agreement: float | None = None
 
     def _set_learning_rates(self, progress: float) -> None:
         options = self.options
@@ -229,6 +241,10 @@ class DfadMethod(DistillMethod):
         fresh_count = options.batch_size - replay_count if self.replay.count >= replay_count > 0 else options.batch_size
         with torch.no_grad(), setup.autocast():
             fresh = self.adversary.synthesize(fresh_count).float()
+            if options.student_augment:
+                # The teacher labels the view the student sees (consistent), so any view is a valid example; until
+                # the flip is decided, shifts only.
+                fresh = setup.to_memory_format(random_shift_flip(fresh, flip=bool(self.flip_allowed)))
             fresh_logits = setup.teacher_logits(fresh)
         replayed = self.replay.sample(replay_count) if replay_count and fresh_count < options.batch_size else None
         self.replay.add(fresh, fresh_logits)
@@ -241,13 +257,29 @@ class DfadMethod(DistillMethod):
 
     def iteration(self, progress: float) -> dict[str, torch.Tensor]:
         self._set_learning_rates(progress)
+        undecided = self.options.student_augment and self.flip_allowed is None
+        if undecided and self.generator_steps >= FLIP_DECISION_ITERATIONS:
+            self._decide_flip()
         self.setup.student.train()
         self.generator.train()
         student_losses = [self.student_step() for _ in range(self.options.student_steps)]
         terms = self.adversary.step()
+        self.generator_steps += 1
         terms["loss_student"] = torch.stack(student_losses).mean()
         terms["images"] = (self.options.student_steps + 1) * self.options.batch_size
         return terms
+
+    def _decide_flip(self) -> None:
+        """Mirror fresh images only if the teacher is (nearly) flip-invariant on the generator's images (a fixed
+        latent batch from a copy of the generator: the run's random stream is untouched)."""
+        images = self.adversary.generate(512, seed=0, with_teacher=False)[0]
+        self.flip_agreement = self.setup.flip_agreement(self.setup.to_memory_format(images))
+        self.flip_allowed = self.flip_agreement >= FLIP_AGREEMENT
+
+    def diagnostics(self) -> dict:
+        if not self.options.student_augment:
+            return {}
+        return {"flip": self.flip_allowed, "flip_agreement": self.flip_agreement}
 
     def synthetic_batch(self, count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.adversary.generate(count, seed, with_teacher=True)
@@ -260,13 +292,19 @@ class DfadMethod(DistillMethod):
 
     def state_dict(self) -> dict:
         return {**self.adversary.state_dict(), "optimizer_s": self.optimizer_s.state_dict(),
-                "scaler_s": self.scaler_s.state_dict(), "replay": self.replay.state()}
+                "scaler_s": self.scaler_s.state_dict(), "replay": self.replay.state(),
+                "generator_steps": self.generator_steps, "flip_allowed": self.flip_allowed,
+                "flip_agreement": self.flip_agreement}
 
     def load_state_dict(self, state: dict, out: Path) -> None:
         self.adversary.load_state_dict(state)
         self.optimizer_s.load_state_dict(state["optimizer_s"])
         self.scaler_s.load_state_dict(state["scaler_s"])
         self.replay.load(state["replay"], self.setup.device, self._teacher_logits_of)
+        # A last.pt from before student_augment: its flip was never decided (the option did not exist).
+        self.generator_steps = state.get("generator_steps", 0)
+        self.flip_allowed = state.get("flip_allowed", self.flip_allowed)
+        self.flip_agreement = state.get("flip_agreement")
 
     def _teacher_logits_of(self, images: torch.Tensor) -> torch.Tensor:
         with self.setup.autocast():
