@@ -36,6 +36,7 @@ class DfadOptions:
     ngf: int = option(64, "generator width", min=1)
     batch_size: int = option(256, "synthetic images per step", min=1, split=True)
     student_steps: int = option(5, "student steps per generator step", min=1)
+    generator_batch: int = option(0, "images per generator step (0: batch_size)", min=0, split=True)
     lr_student: float = option(0.1, "student SGD learning rate", above=0)
     momentum: float = option(0.9, "student SGD momentum", min=0, below=1)
     weight_decay: float = option(5e-4, "student SGD weight decay", min=0)
@@ -212,7 +213,7 @@ class DfadMethod(DistillMethod):
         self.student_loss = student_logit_loss(options.student_loss, options.temperature)
         self.adversary = AdversarialGenerator(setup, options.nz, options.ngf, options.lr_generator, self.student_loss,
                                               options.adversarial, options.bn_stats, options.class_balance,
-                                              options.batch_size)
+                                              options.generator_batch or options.batch_size)
         self.generator = self.adversary.generator
         self.optimizer_s, self.scaler_s = student_optimizer(setup, options)
         self.replay = ReplayMemory(options.replay_size)
@@ -266,7 +267,7 @@ class DfadMethod(DistillMethod):
         terms = self.adversary.step()
         self.generator_steps += 1
         terms["loss_student"] = torch.stack(student_losses).mean()
-        terms["images"] = (self.options.student_steps + 1) * self.options.batch_size
+        terms["images"] = self.options.student_steps * self.options.batch_size + self.adversary.batch_size
         return terms
 
     def _decide_flip(self) -> None:
