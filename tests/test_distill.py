@@ -16,6 +16,7 @@ from dfad_edge.checkpoint import load_checkpoint, safe_torch_load
 from dfad_edge.distill import DistillRun, RunInterrupted, apply_overrides, preset_config
 from dfad_edge.distill.config import RUN_FACTS, DistillConfig
 from dfad_edge.distill.diagnostics import collapse_diagnostics, collapse_warning, mean_pairwise_distance, normalised_entropy
+from dfad_edge.distill.augment import random_shift_flip
 from dfad_edge.distill.losses import class_balance_loss
 from dfad_edge.distill.weight_average import WeightAverage
 from dfad_edge.errors import DfadError
@@ -330,8 +331,10 @@ def test_a_time_budget_ends_the_run_on_time_with_the_learning_rate_run_down(tmp_
 
 
 @pytest.mark.parametrize("method,changes", [("pool", {}), ("dfad", {}), ("prior", {}),
-                                            ("dfad", {"average_epochs": 1.0})])  # the weight average resumes too
+                                            ("dfad", {"average_epochs": 1.0}),  # the weight average resumes too
+                                            ("dfad", {"options": {"student_augment": True}})])  # and the flip decision
 def test_resume_after_sigterm_reaches_the_same_student(tmp_path, digits_teacher, monkeypatch, method, changes):
+    monkeypatch.setattr("dfad_edge.distill.dfad.FLIP_DECISION_ITERATIONS", 3)  # decided before the interruption
     DistillRun(_tiny(method, **changes), digits_teacher, tmp_path / "straight").run()
 
     interrupted = DistillRun(_tiny(method, **changes), digits_teacher, tmp_path / "interrupted")
@@ -634,6 +637,60 @@ def test_replayed_images_carry_the_teachers_own_logits_and_an_old_memory_gets_th
     with torch.no_grad():
         assert torch.allclose(fresh.method.replay.logits, run.method._teacher_logits_of(memory.images.float()),
                               atol=1e-4)
+
+
+def test_student_augment_has_the_teacher_label_the_shifted_view_and_mirrors_only_once_allowed(
+        tmp_path, digits_teacher, monkeypatch):
+    from dfad_edge.distill import dfad
+
+    views = []
+
+    def recorded_shift_flip(images, flip=True):
+        view = random_shift_flip(images, flip=flip)
+        views.append((images.clone(), view.clone(), flip))
+        return view
+
+    monkeypatch.setattr(dfad, "random_shift_flip", recorded_shift_flip)
+    monkeypatch.setattr(dfad, "FLIP_DECISION_ITERATIONS", 2)
+    plain = DistillRun(_tiny("dfad", amp="off"), digits_teacher, tmp_path / "plain")
+    plain.method.iteration(0.5)
+    assert views == []  # off by default: the generator's images as they are
+    run = DistillRun(_tiny("dfad", amp="off", options={"student_augment": True}), digits_teacher, tmp_path / "run")
+    method = run.method
+    method.iteration(0.5)
+    # Each fresh batch is shifted before the teacher labels it; no mirror until the teacher's agreement is known.
+    assert len(views) == 5 and not any(flip for _, _, flip in views) and method.flip_allowed is None
+    original, view, _ = views[-1]
+    assert not torch.equal(original, view)
+    # The replay memory holds the view, with the teacher's logits for the view, not for the unshifted image.
+    newest = slice(method.replay.count - len(view), method.replay.count)  # the memory has not wrapped yet
+    assert torch.allclose(method.replay.images[newest].float(), view, atol=0.02)
+    with torch.no_grad():
+        assert torch.allclose(method.replay.logits[newest], method._teacher_logits_of(view), atol=0.05)
+    method.iteration(0.5)
+    assert method.flip_allowed is None  # decided at the start of the iteration after the 2nd generator step
+    method.iteration(0.5)
+    assert method.flip_allowed == (method.flip_agreement >= 0.8) and views[-1][2] == method.flip_allowed
+    assert method.diagnostics() == {"flip": method.flip_allowed, "flip_agreement": method.flip_agreement}
+    forced = DistillRun(_tiny("dfad", options={"student_augment": True, "flip": "on"}), digits_teacher,
+                        tmp_path / "forced")
+    forced.method.student_step()
+    assert views[-1][2] is True and forced.method.flip_agreement is None
+
+
+def test_generator_batch_sets_the_images_of_a_generator_step_alone(tmp_path, digits_teacher):
+    run = DistillRun(_tiny("dfad", options={"generator_batch": 8}), digits_teacher, tmp_path / "run")
+    seen = []
+    teacher_logits_and_bn_loss = run.setup.teacher_logits_and_bn_loss
+    run.setup.teacher_logits_and_bn_loss = lambda images, bn: seen.append(len(images)) or teacher_logits_and_bn_loss(
+        images, bn)
+    students = []
+    student_forward = run.setup.student_forward
+    run.setup.student_forward = lambda images: students.append(len(images)) or student_forward(images)
+    terms = run.method.iteration(0.5)
+    assert seen == [8] and students == [32] * 5 + [8]  # student batches keep batch_size
+    assert terms["images"] == 5 * 32 + 8
+    assert DistillRun(_tiny("dfad"), digits_teacher, tmp_path / "same").method.adversary.batch_size == 32  # 0: batch_size
 
 
 def test_a_replay_memory_smaller_than_a_batch_is_refused():
