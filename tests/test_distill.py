@@ -14,9 +14,9 @@ from torch import nn
 from conftest import distill_config, run_cli
 from dfad_edge.checkpoint import load_checkpoint, safe_torch_load
 from dfad_edge.distill import DistillRun, RunInterrupted, apply_overrides, preset_config
+from dfad_edge.distill.augment import random_shift_flip
 from dfad_edge.distill.config import RUN_FACTS, DistillConfig
 from dfad_edge.distill.diagnostics import collapse_diagnostics, collapse_warning, mean_pairwise_distance, normalised_entropy
-from dfad_edge.distill.augment import random_shift_flip
 from dfad_edge.distill.losses import class_balance_loss
 from dfad_edge.distill.weight_average import WeightAverage
 from dfad_edge.errors import DfadError
@@ -334,7 +334,9 @@ def test_a_time_budget_ends_the_run_on_time_with_the_learning_rate_run_down(tmp_
                                             ("dfad", {"average_epochs": 1.0}),  # the weight average resumes too
                                             ("dfad", {"options": {"student_augment": True}})])  # and the flip decision
 def test_resume_after_sigterm_reaches_the_same_student(tmp_path, digits_teacher, monkeypatch, method, changes):
-    monkeypatch.setattr("dfad_edge.distill.dfad.FLIP_DECISION_ITERATIONS", 3)  # decided before the interruption
+    # The flip decided before the interruption, and decided "mirror" (unlike "off", it draws other random numbers).
+    monkeypatch.setattr("dfad_edge.distill.dfad.FLIP_DECISION_ITERATIONS", 3)
+    monkeypatch.setattr("dfad_edge.distill.dfad.FLIP_AGREEMENT", 0.0)
     DistillRun(_tiny(method, **changes), digits_teacher, tmp_path / "straight").run()
 
     interrupted = DistillRun(_tiny(method, **changes), digits_teacher, tmp_path / "interrupted")
@@ -652,6 +654,7 @@ def test_student_augment_has_the_teacher_label_the_shifted_view_and_mirrors_only
 
     monkeypatch.setattr(dfad, "random_shift_flip", recorded_shift_flip)
     monkeypatch.setattr(dfad, "FLIP_DECISION_ITERATIONS", 2)
+    monkeypatch.setattr(dfad, "FLIP_AGREEMENT", 0.0)  # any agreement passes: mirroring must then switch on
     plain = DistillRun(_tiny("dfad", amp="off"), digits_teacher, tmp_path / "plain")
     plain.method.iteration(0.5)
     assert views == []  # off by default: the generator's images as they are
@@ -670,8 +673,15 @@ def test_student_augment_has_the_teacher_label_the_shifted_view_and_mirrors_only
     method.iteration(0.5)
     assert method.flip_allowed is None  # decided at the start of the iteration after the 2nd generator step
     method.iteration(0.5)
-    assert method.flip_allowed == (method.flip_agreement >= 0.8) and views[-1][2] == method.flip_allowed
-    assert method.diagnostics() == {"flip": method.flip_allowed, "flip_agreement": method.flip_agreement}
+    assert method.flip_allowed is True and 0 <= method.flip_agreement <= 1 and views[-1][2] is True
+    assert method.diagnostics() == {"flip": True, "flip_agreement": method.flip_agreement}
+    # A last.pt from before the option resumes undecided.
+    old_state = {k: v for k, v in method.state_dict().items()
+                 if k not in ("generator_steps", "flip_allowed", "flip_agreement")}
+    resumed = DistillRun(_tiny("dfad", amp="off", options={"student_augment": True}), digits_teacher,
+                         tmp_path / "resumed").method
+    resumed.load_state_dict(old_state, tmp_path / "resumed")
+    assert (resumed.generator_steps, resumed.flip_allowed, resumed.flip_agreement) == (0, None, None)
     forced = DistillRun(_tiny("dfad", options={"student_augment": True, "flip": "on"}), digits_teacher,
                         tmp_path / "forced")
     forced.method.student_step()
@@ -682,15 +692,16 @@ def test_generator_batch_sets_the_images_of_a_generator_step_alone(tmp_path, dig
     run = DistillRun(_tiny("dfad", options={"generator_batch": 8}), digits_teacher, tmp_path / "run")
     seen = []
     teacher_logits_and_bn_loss = run.setup.teacher_logits_and_bn_loss
-    run.setup.teacher_logits_and_bn_loss = lambda images, bn: seen.append(len(images)) or teacher_logits_and_bn_loss(
-        images, bn)
+    run.setup.teacher_logits_and_bn_loss = (
+        lambda images, bn: seen.append(len(images)) or teacher_logits_and_bn_loss(images, bn))
     students = []
     student_forward = run.setup.student_forward
     run.setup.student_forward = lambda images: students.append(len(images)) or student_forward(images)
     terms = run.method.iteration(0.5)
     assert seen == [8] and students == [32] * 5 + [8]  # student batches keep batch_size
     assert terms["images"] == 5 * 32 + 8
-    assert DistillRun(_tiny("dfad"), digits_teacher, tmp_path / "same").method.adversary.batch_size == 32  # 0: batch_size
+    default = DistillRun(_tiny("dfad"), digits_teacher, tmp_path / "same")
+    assert default.method.adversary.batch_size == 32  # generator_batch 0: batch_size
 
 
 def test_a_replay_memory_smaller_than_a_batch_is_refused():

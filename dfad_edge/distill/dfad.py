@@ -19,14 +19,14 @@ from ..distributed import data_parallel
 from ..errors import DfadError
 from ..models import create_model
 from ..options import option
-from .losses import BatchNormStatistics, class_balance_loss, require_batchnorm, student_logit_loss
 from .augment import random_shift_flip
+from .losses import BatchNormStatistics, class_balance_loss, require_batchnorm, student_logit_loss
 from .method import (FLIP_AGREEMENT, GENERATOR_FORMAT, DistillMethod, Setup, adam, generator_kwargs, register_method,
                      scaled_step, student_optimizer)
 from .schedule import SCHEDULES, epoch_progress, lr_factor, set_lr
 
 # The generator's first images are noise, on which the teacher's flip agreement says nothing about its training data;
-# after this many generator steps (one epoch of the presets) they carry the teacher's BatchNorm statistics.
+# this many generator steps (an epoch of the tiny, small and large presets) first shape them for the teacher.
 FLIP_DECISION_ITERATIONS = 20
 
 
@@ -58,7 +58,8 @@ class DfadOptions:
     student_augment: bool = option(False, "shift (and, if the teacher is flip-invariant, mirror) each fresh generator "
                                    "image before the teacher labels it for the student")
     flip: str = option("auto", "mirror in student_augment; auto: only if the teacher's predictions survive a flip on "
-                       f"the generator's images after its first {FLIP_DECISION_ITERATIONS} steps",
+                       f"the generator's images after its first {FLIP_DECISION_ITERATIONS} steps (on adversarial "
+                       "images even a flip-invariant teacher seldom passes: on forces it)",
                        choices=("auto", "on", "off"))
 
     def validate(self, epochs: int) -> None:
@@ -243,8 +244,8 @@ class DfadMethod(DistillMethod):
         with torch.no_grad(), setup.autocast():
             fresh = self.adversary.synthesize(fresh_count).float()
             if options.student_augment:
-                # The teacher labels the view the student sees (consistent), so any view is a valid example; until
-                # the flip is decided, shifts only.
+                # The teacher labels the view the student sees, so the pair is consistent; mirroring is still gated,
+                # as mirrored views of, say, digits are far from the teacher's data. Until decided, shifts only.
                 fresh = setup.to_memory_format(random_shift_flip(fresh, flip=bool(self.flip_allowed)))
             fresh_logits = setup.teacher_logits(fresh)
         replayed = self.replay.sample(replay_count) if replay_count and fresh_count < options.batch_size else None
