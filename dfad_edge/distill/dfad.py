@@ -21,8 +21,8 @@ from ..models import create_model
 from ..options import option
 from .augment import random_shift_flip
 from .losses import BatchNormStatistics, class_balance_loss, require_batchnorm, student_logit_loss
-from .method import (FLIP_AGREEMENT, GENERATOR_FORMAT, DistillMethod, Setup, adam, generator_kwargs, register_method,
-                     scaled_step, student_optimizer)
+from .method import (FLIP_AGREEMENT, GENERATOR_FORMAT, DistillMethod, Setup, adam, forced_flip, generator_kwargs,
+                     register_method, scaled_step, student_optimizer)
 from .schedule import SCHEDULES, epoch_progress, lr_factor, set_lr
 
 # The generator's first images are noise, on which the teacher's flip agreement says nothing about its training data;
@@ -219,7 +219,7 @@ class DfadMethod(DistillMethod):
         self.optimizer_s, self.scaler_s = student_optimizer(setup, options)
         self.replay = ReplayMemory(options.replay_size)
         self.generator_steps = 0
-        self.flip_allowed: bool | None = {"on": True, "off": False}.get(options.flip)
+        self.flip_allowed: bool | None = forced_flip(options.flip)
         self.flip_agreement: float | None = None
 
     def _set_learning_rates(self, progress: float) -> None:

@@ -30,6 +30,12 @@ GENERATOR_FORMAT = "dfad-edge-generator/1"
 FLIP_AGREEMENT = 0.8
 
 
+def forced_flip(flip: str) -> bool | None:
+    """A method's ``flip`` option as a decision: on and off decide it; auto (None) leaves it to the teacher's
+    flip agreement, judged by the method on its own images."""
+    return {"on": True, "off": False}.get(flip)
+
+
 @dataclass
 class Setup:
     """What the loop hands a method: frozen teacher, student, device and precision, the spec of the images."""

@@ -31,8 +31,8 @@ from ..options import option
 from .augment import horizontal_flip_half, random_shift_flip
 from .losses import (BatchNormStatistics, agreement_masked_adversarial, class_balance_loss, require_batchnorm,
                      student_logit_loss)
-from .method import (FLIP_AGREEMENT, GENERATOR_FORMAT, DistillMethod, Setup, adam, generator_kwargs, register_method,
-                     scaled_step, student_optimizer)
+from .method import (FLIP_AGREEMENT, GENERATOR_FORMAT, DistillMethod, Setup, adam, forced_flip, generator_kwargs,
+                     register_method, scaled_step, student_optimizer)
 from .schedule import lr_factor, set_lr
 from .synthetic_pool import SyntheticPool
 
@@ -175,7 +175,7 @@ class PoolMethod(DistillMethod):
         self.optimizer_s, self.scaler_s = student_optimizer(setup, options)
         self.scaler_g = setup.generator_scaler()
         self.pool = SyntheticPool(options.pool_size, setup.student_spec.shape, setup.num_classes, setup.device)
-        self.flip_allowed: bool | None = {"on": True, "off": False}.get(options.flip)
+        self.flip_allowed: bool | None = forced_flip(options.flip)
         self.flip_agreement: float | None = None
         self.first_class = 0  # the class the next batch's targets start from (balanced_targets)
 

@@ -24,7 +24,8 @@ from .augment import (centre_crop, colour_jitter, crop_and_resize, cutmix, mixup
                       resized_crop_boxes)
 from .dfad import AdversarialGenerator
 from .losses import kl_divergence, student_logit_loss
-from .method import FLIP_AGREEMENT, DistillMethod, Setup, register_method, scaled_step, student_optimizer
+from .method import (FLIP_AGREEMENT, DistillMethod, Setup, forced_flip, register_method, scaled_step,
+                     student_optimizer)
 from .schedule import lr_factor, set_lr
 
 # Crops of at most this many sources are cut per batch, so a folder of thousands of images is never converted whole.
@@ -96,7 +97,7 @@ class PriorMethod(DistillMethod):
                                                   options.class_balance, options.generator_batch)
         self.generator = self.adversary.generator if self.adversary is not None else None
         self.optimizer_s, self.scaler_s = student_optimizer(setup, options)
-        self.flip_allowed: bool | None = {"on": True, "off": False}.get(options.flip)
+        self.flip_allowed: bool | None = forced_flip(options.flip)
         self.flip_agreement: float | None = None
         if self.flip_allowed is None:
             # Judged once on a fixed batch of unflipped crops (its own random stream: the run's is untouched).
