@@ -14,13 +14,14 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 from ..distributed import data_parallel
 from ..errors import DfadError
 from ..models import create_model
 from ..options import option
 from .augment import random_shift_flip
-from .losses import BatchNormStatistics, class_balance_loss, require_batchnorm, student_logit_loss
+from .losses import BatchNormStatistics, ClassifierInput, class_balance_loss, require_batchnorm, student_logit_loss
 from .method import (FLIP_AGREEMENT, GENERATOR_FORMAT, DistillMethod, Setup, adam, forced_flip, generator_kwargs,
                      register_method, scaled_step, student_optimizer)
 from .schedule import SCHEDULES, epoch_progress, lr_factor, set_lr
@@ -57,6 +58,8 @@ class DfadOptions:
     replay_fraction: float = option(0.5, "share of each student batch taken from the replay memory", min=0, below=1)
     student_augment: bool = option(False, "shift (and, if the teacher is flip-invariant, mirror) each fresh generator "
                                    "image before the teacher labels it for the student")
+    feature_match: float = option(0.0, "weight of an L1 term between the student's and the teacher's penultimate "
+                                  "features (their classifiers' inputs) on the student's images, 0 = off", min=0)
     flip: str = option("auto", "mirror in student_augment; auto: only if the teacher's predictions survive a flip on "
                        f"the generator's images after its first {FLIP_DECISION_ITERATIONS} steps (on adversarial "
                        "images even a flip-invariant teacher seldom passes: on forces it)",
@@ -86,49 +89,63 @@ class ReplayMemory:
     student batch). Images in float16: half the memory (8192 images at 224 px: 2.5 GB, not 4.9), and they are
     standardised (unit variance), far inside its range. An image's logits are the teacher's for it before that
     rounding (a float16 rounding apart, against a teacher forward saved); logits stay float32 (8192 x 1000
-    classes: 33 MB)."""
+    classes: 33 MB). With feature_match, the teacher's penultimate features too (float32; 8192 x 64: 2 MB)."""
 
     def __init__(self, capacity: int):
-        self.capacity, self.images, self.logits, self.count = capacity, None, None, 0
+        self.capacity, self.images, self.logits, self.features, self.count = capacity, None, None, None, 0
 
-    def add(self, images: torch.Tensor, logits: torch.Tensor) -> None:
+    def add(self, images: torch.Tensor, logits: torch.Tensor, features: torch.Tensor | None = None) -> None:
         if self.capacity <= 0:
             return
         if self.images is None:
             self.images = torch.empty((self.capacity, *images.shape[1:]), dtype=torch.float16, device=images.device)
             self.logits = torch.empty((self.capacity, logits.shape[1]), dtype=torch.float32, device=images.device)
+        if features is not None and self.features is None:
+            self.features = torch.zeros((self.capacity, features.shape[1]), dtype=torch.float32, device=images.device)
         positions = (torch.arange(len(images), device=images.device) + self.count) % self.capacity
         self.images[positions] = images.detach().to(torch.float16)
         self.logits[positions] = logits.detach().float()
+        if features is not None:
+            self.features[positions] = features.detach().float()
         self.count += len(images)
 
-    def sample(self, size: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """``size`` stored images (as float32) and their teacher logits, drawn with replacement."""
+    def sample(self, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+        """``size`` stored images (as float32), their teacher logits and (if kept) features, drawn with replacement."""
         filled = min(self.count, self.capacity)
         if self.images is None or filled < size:
             return None
         picked = torch.randint(0, filled, (size,), device=self.images.device)
-        return self.images[picked].float(), self.logits[picked]
+        features = self.features[picked] if self.features is not None else None
+        return self.images[picked].float(), self.logits[picked], features
 
     def state(self) -> dict:
-        return {"images": self.images, "logits": self.logits, "count": self.count}
+        return {"images": self.images, "logits": self.logits, "features": self.features, "count": self.count}
 
     def load(self, state: dict, device: torch.device,
-             teacher_logits: Callable[[torch.Tensor], torch.Tensor]) -> None:
+             teacher_targets: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]],
+             with_features: bool) -> None:
+        """``teacher_targets``: the teacher's logits and features (None without feature_match) for images."""
         self.images = state["images"].to(device) if state["images"] is not None else None
         self.count = state["count"]
-        self.logits = state.get("logits")
-        if self.logits is not None:
-            self.logits = self.logits.to(device)
-        elif self.images is not None:
-            # A last.pt from before the memory kept logits: the frozen teacher gives the same ones again, for the rows
-            # filled so far (the others are written before they can be drawn).
-            filled = min(self.count, self.capacity)
-            with torch.no_grad():
-                kept = torch.cat([teacher_logits(self.images[i:min(i + 256, filled)].float())
-                                  for i in range(0, filled, 256)])
-            self.logits = torch.zeros((self.capacity, kept.shape[1]), device=device)
-            self.logits[:filled] = kept
+        self.logits, self.features = state.get("logits"), state.get("features")
+        if self.images is not None and (self.logits is None or (with_features and self.features is None)):
+            # A last.pt from before the memory kept logits (or features): the frozen teacher gives the same ones again,
+            # for the rows filled so far (the others are written before they can be drawn).
+            self._recompute_targets(device, teacher_targets)
+        self.logits = self.logits.to(device) if self.logits is not None else None
+        self.features = self.features.to(device) if self.features is not None else None
+
+    def _recompute_targets(self, device: torch.device, teacher_targets) -> None:
+        filled = min(self.count, self.capacity)
+        with torch.no_grad():
+            batches = [teacher_targets(self.images[i:min(i + 256, filled)].float()) for i in range(0, filled, 256)]
+        logits = torch.cat([b[0] for b in batches])
+        self.logits = torch.zeros((self.capacity, logits.shape[1]), device=device)
+        self.logits[:filled] = logits
+        if batches[0][1] is not None:
+            features = torch.cat([b[1] for b in batches])
+            self.features = torch.zeros((self.capacity, features.shape[1]), device=device)
+            self.features[:filled] = features
 
 
 class AdversarialGenerator:
@@ -221,6 +238,18 @@ class DfadMethod(DistillMethod):
         self.generator_steps = 0
         self.flip_allowed: bool | None = forced_flip(options.flip)
         self.flip_agreement: float | None = None
+        self.student_features, self.teacher_features = self._feature_taps() if options.feature_match > 0 else (None, None)
+
+    def _feature_taps(self) -> tuple[ClassifierInput, ClassifierInput]:
+        """The student's and the teacher's penultimate features, kept at each forward (the teacher's inference copy:
+        the one that labels the student's images)."""
+        setup = self.setup
+        student = ClassifierInput(setup.student, setup.num_classes, "student", "feature_match")
+        teacher = ClassifierInput(setup.folded_teacher, setup.num_classes, "teacher", "feature_match")
+        if student.width != teacher.width:
+            raise DfadError(f"feature_match compares penultimate features, but the student has {student.width} and the "
+                            f"teacher {teacher.width}: pick a student of the teacher's width or --set feature_match=0")
+        return student, teacher
 
     def _set_learning_rates(self, progress: float) -> None:
         options = self.options
@@ -248,12 +277,17 @@ class DfadMethod(DistillMethod):
                 # as mirrored views of, say, digits are far from the teacher's data. Until decided, shifts only.
                 fresh = setup.to_memory_format(random_shift_flip(fresh, flip=bool(self.flip_allowed)))
             fresh_logits = setup.teacher_logits(fresh)
+            fresh_features = self.teacher_features.latest.float() if self.teacher_features else None
         replayed = self.replay.sample(replay_count) if replay_count and fresh_count < options.batch_size else None
-        self.replay.add(fresh, fresh_logits)
-        images, teacher_logits = (fresh, fresh_logits) if replayed is None else (
-            torch.cat([fresh, replayed[0]]), torch.cat([fresh_logits, replayed[1]]))
+        self.replay.add(fresh, fresh_logits, fresh_features)
+        images, teacher_logits, teacher_features = (fresh, fresh_logits, fresh_features) if replayed is None else (
+            torch.cat([fresh, replayed[0]]), torch.cat([fresh_logits, replayed[1]]),
+            torch.cat([fresh_features, replayed[2]]) if fresh_features is not None else None)
         with setup.autocast():
             loss = self.student_loss(setup.student_forward(images).float(), teacher_logits)
+            if teacher_features is not None:
+                # Features say more per image than logits do (64 numbers against 10 at CIFAR scale).
+                loss = loss + options.feature_match * F.l1_loss(self.student_features.latest.float(), teacher_features)
         scaled_step(loss, self.optimizer_s, self.scaler_s)
         return loss.detach()
 
@@ -302,12 +336,14 @@ class DfadMethod(DistillMethod):
         self.adversary.load_state_dict(state)
         self.optimizer_s.load_state_dict(state["optimizer_s"])
         self.scaler_s.load_state_dict(state["scaler_s"])
-        self.replay.load(state["replay"], self.setup.device, self._teacher_logits_of)
+        self.replay.load(state["replay"], self.setup.device, self._teacher_targets_of,
+                         with_features=self.teacher_features is not None)
         # A last.pt from before student_augment: its flip was never decided (the option did not exist).
         self.generator_steps = state.get("generator_steps", 0)
         self.flip_allowed = state.get("flip_allowed", self.flip_allowed)
         self.flip_agreement = state.get("flip_agreement")
 
-    def _teacher_logits_of(self, images: torch.Tensor) -> torch.Tensor:
+    def _teacher_targets_of(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         with self.setup.autocast():
-            return self.setup.teacher_logits(images)
+            logits = self.setup.teacher_logits(images)
+        return logits, (self.teacher_features.latest.float() if self.teacher_features else None)

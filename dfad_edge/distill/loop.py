@@ -264,7 +264,7 @@ class DistillRun:
         return Setup(
             teacher=teacher, student=self.student,
             student_forward=data_parallel(self.student, self.device, config.compile),
-            teacher_forward=teacher_forward, folded_teacher_forward=folded_forward,
+            teacher_forward=teacher_forward, folded_teacher_forward=folded_forward, folded_teacher=folded,
             device=self.device, amp_dtype=self.amp_dtype, teacher_amp_dtype=self.teacher_amp_dtype,
             channels_last=channels_last,
             num_classes=self.num_classes, student_spec=self.student_spec,

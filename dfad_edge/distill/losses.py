@@ -32,6 +32,23 @@ def student_logit_loss(kind: str, temperature: float = 1.0) -> LogitLoss:
     return lambda student_logits, teacher_logits: kl_divergence(student_logits, teacher_logits, temperature)
 
 
+class ClassifierInput:
+    """A network's penultimate features: the input of its classifier (the last linear layer with one output per
+    class) at its latest forward, kept by a hook, which also fires inside a compiled forward."""
+
+    def __init__(self, model: nn.Module, num_classes: int, role: str, option: str):
+        linears = [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features == num_classes]
+        if not linears:
+            raise DfadError(f"the {role} has no linear classifier with {num_classes} outputs, so '{option}' cannot read "
+                            f"its features: --set {option}=0")
+        self.width = linears[-1].in_features
+        self.latest: torch.Tensor | None = None
+        linears[-1].register_forward_pre_hook(self._keep)
+
+    def _keep(self, _layer: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+        self.latest = inputs[0]
+
+
 def agreement_masked_adversarial(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
     """Fast-DFKD's adversarial term: push images to where the student departs from the teacher, but only on samples
     both still agree on (top-1), so the generator is not rewarded for images the teacher itself finds ambiguous."""
