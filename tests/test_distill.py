@@ -271,6 +271,23 @@ def test_a_compiled_teacher_gives_the_eager_teacher_s_targets(tmp_path, digits_t
     assert torch.isfinite(run.method.iteration(0.5)["loss_student"])
 
 
+def test_a_compiled_teacher_gives_feature_match_the_features_of_the_images_it_labelled(tmp_path, digits_teacher):
+    # The hook is registered before the first compiled call (a compiled graph leaves out hooks added later).
+    config = _tiny("dfad", compile_teacher=True, student_arch="digits_cnn", options={"feature_match": 0.5})
+    run = DistillRun(config, digits_teacher, tmp_path / "run")
+    compiled, tap = run.setup.folded_teacher_forward, run.method.teacher_features
+    eager = []
+    compiled.module.head.register_forward_pre_hook(lambda _layer, inputs: eager.append(inputs[0]))
+    for seed in (0, 1):  # the second call must not hand back the first call's features
+        images = torch.randn(32, 1, 8, 8, generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            _, features = run.method._teacher_targets_of(images)
+            with run.setup.teacher_autocast():
+                compiled.module(images)
+        assert torch.allclose(features, eager[-1].float(), rtol=1e-2, atol=1e-2)
+    assert compiled.compiled is not None and tap.latest is not None
+
+
 def test_a_teacher_that_fails_to_compile_runs_eager_after_one_line(monkeypatch):
     from dfad_edge.models.frozen import CompiledInference
 
@@ -332,7 +349,9 @@ def test_a_time_budget_ends_the_run_on_time_with_the_learning_rate_run_down(tmp_
 
 @pytest.mark.parametrize("method,changes", [("pool", {}), ("dfad", {}), ("prior", {}),
                                             ("dfad", {"average_epochs": 1.0}),  # the weight average resumes too
-                                            ("dfad", {"options": {"student_augment": True}})])  # and the flip decision
+                                            ("dfad", {"options": {"student_augment": True}}),  # and the flip decision
+                                            # and the replayed images' teacher features
+                                            ("dfad", {"options": {"feature_match": 0.5}, "student_arch": "digits_cnn"})])
 def test_resume_after_sigterm_reaches_the_same_student(tmp_path, digits_teacher, monkeypatch, method, changes):
     # The flip decided before the interruption, and decided "mirror" (unlike "off", it draws other random numbers).
     monkeypatch.setattr("dfad_edge.distill.dfad.FLIP_DECISION_ITERATIONS", 3)
@@ -622,7 +641,8 @@ def test_replayed_images_carry_the_teachers_own_logits_and_an_old_memory_gets_th
         again = run.method._teacher_logits_of(memory.images.float())
     # Kept logits are the frozen teacher's for the stored image (float16 storage may move a logit by a rounding).
     assert torch.allclose(memory.logits, again, atol=0.05)
-    images, logits = memory.sample(16)
+    images, logits, features = memory.sample(16)
+    assert features is None  # kept only for feature_match
     assert torch.allclose(logits, run.method._teacher_logits_of(images), atol=0.05)
     # And the student learns each image, fresh or replayed, against the teacher's logits for that image.
     seen, targets = [], []
@@ -639,6 +659,48 @@ def test_replayed_images_carry_the_teachers_own_logits_and_an_old_memory_gets_th
     with torch.no_grad():
         assert torch.allclose(fresh.method.replay.logits, run.method._teacher_logits_of(memory.images.float()),
                               atol=1e-4)
+
+
+def test_feature_match_teaches_each_image_the_teachers_features_for_it_fresh_or_replayed(tmp_path, digits_teacher):
+    # In fp32, with a student of the teacher's width (features compared one to one).
+    config = _tiny("dfad", amp="off", student_arch="digits_cnn", options={"feature_match": 0.5})
+    run = DistillRun(config, digits_teacher, tmp_path / "run")
+    method = run.method
+    for _ in range(4):
+        method.iteration(0.5)
+    memory = method.replay
+    assert memory.count > memory.capacity
+    with torch.no_grad():
+        logits, features = method._teacher_targets_of(memory.images.float())
+    # The memory keeps each stored image's own teacher features (float16 storage moves them by a rounding at most).
+    assert features.shape == (memory.capacity, 32 * 4) and torch.allclose(memory.features, features, atol=0.05)
+    # A student step's loss is the logit term plus the weighted feature term, both against the teacher's targets for
+    # the very images the student saw (half fresh, half replayed).
+    seen = []
+    student_forward = run.setup.student_forward
+
+    def recording(batch):
+        output = student_forward(batch)
+        seen.append((batch.detach().clone(), output.detach().float(), method.student_features.latest.detach().float()))
+        return output
+
+    run.setup.student_forward = recording
+    loss = method.student_step()
+    images, student_logits, student_features = seen[0]
+    with torch.no_grad():
+        teacher_logits, teacher_features = method._teacher_targets_of(images)
+    feature_term = float(loss - torch.nn.functional.l1_loss(student_logits, teacher_logits))
+    assert abs(feature_term - 0.5 * float(torch.nn.functional.l1_loss(student_features, teacher_features))) < 1e-3
+    # Features of other images (the replayed half's rolled by one) would give another term.
+    rolled = torch.cat([teacher_features[:16], teacher_features[16:].roll(1, 0)])
+    assert abs(feature_term - 0.5 * float(torch.nn.functional.l1_loss(student_features, rolled))) > 3e-3
+
+
+def test_feature_match_refuses_a_student_of_another_width_in_one_line(tmp_path, digits_teacher):
+    result = run_cli("distill", "--teacher", digits_teacher, "--out", tmp_path / "run", "--method", "dfad",
+                     "--set", "feature_match=1", "--set", "epochs=1")
+    assert result.exit_code != 0 and "feature_match compares penultimate features" in result.output
+    assert "Traceback" not in result.output
 
 
 def test_student_augment_has_the_teacher_label_the_shifted_view_and_mirrors_only_once_allowed(

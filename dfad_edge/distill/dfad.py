@@ -59,7 +59,8 @@ class DfadOptions:
     student_augment: bool = option(False, "shift (and, if the teacher is flip-invariant, mirror) each fresh generator "
                                    "image before the teacher labels it for the student")
     feature_match: float = option(0.0, "weight of an L1 term between the student's and the teacher's penultimate "
-                                  "features (their classifiers' inputs) on the student's images, 0 = off", min=0)
+                                  "features (their classifiers' inputs) on the student's images, 0 = off; compared "
+                                  "unit by unit, so meant for a student from the teacher's layers", min=0)
     flip: str = option("auto", "mirror in student_augment; auto: only if the teacher's predictions survive a flip on "
                        f"the generator's images after its first {FLIP_DECISION_ITERATIONS} steps (on adversarial "
                        "images even a flip-invariant teacher seldom passes: on forces it)",
@@ -101,7 +102,7 @@ class ReplayMemory:
             self.images = torch.empty((self.capacity, *images.shape[1:]), dtype=torch.float16, device=images.device)
             self.logits = torch.empty((self.capacity, logits.shape[1]), dtype=torch.float32, device=images.device)
         if features is not None and self.features is None:
-            self.features = torch.zeros((self.capacity, features.shape[1]), dtype=torch.float32, device=images.device)
+            self.features = torch.empty((self.capacity, features.shape[1]), dtype=torch.float32, device=images.device)
         positions = (torch.arange(len(images), device=images.device) + self.count) % self.capacity
         self.images[positions] = images.detach().to(torch.float16)
         self.logits[positions] = logits.detach().float()
@@ -122,30 +123,25 @@ class ReplayMemory:
         return {"images": self.images, "logits": self.logits, "features": self.features, "count": self.count}
 
     def load(self, state: dict, device: torch.device,
-             teacher_targets: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]],
-             with_features: bool) -> None:
-        """``teacher_targets``: the teacher's logits and features (None without feature_match) for images."""
+             teacher_logits: Callable[[torch.Tensor], torch.Tensor]) -> None:
         self.images = state["images"].to(device) if state["images"] is not None else None
         self.count = state["count"]
-        self.logits, self.features = state.get("logits"), state.get("features")
-        if self.images is not None and (self.logits is None or (with_features and self.features is None)):
-            # A last.pt from before the memory kept logits (or features): the frozen teacher gives the same ones again,
-            # for the rows filled so far (the others are written before they can be drawn).
-            self._recompute_targets(device, teacher_targets)
-        self.logits = self.logits.to(device) if self.logits is not None else None
-        self.features = self.features.to(device) if self.features is not None else None
-
-    def _recompute_targets(self, device: torch.device, teacher_targets) -> None:
-        filled = min(self.count, self.capacity)
-        with torch.no_grad():
-            batches = [teacher_targets(self.images[i:min(i + 256, filled)].float()) for i in range(0, filled, 256)]
-        logits = torch.cat([b[0] for b in batches])
-        self.logits = torch.zeros((self.capacity, logits.shape[1]), device=device)
-        self.logits[:filled] = logits
-        if batches[0][1] is not None:
-            features = torch.cat([b[1] for b in batches])
-            self.features = torch.zeros((self.capacity, features.shape[1]), device=device)
-            self.features[:filled] = features
+        # A run resumes with its saved options, so a memory without features is one of a run without feature_match.
+        self.features = state.get("features")
+        if self.features is not None:
+            self.features = self.features.to(device)
+        self.logits = state.get("logits")
+        if self.logits is not None:
+            self.logits = self.logits.to(device)
+        elif self.images is not None:
+            # A last.pt from before the memory kept logits: the frozen teacher gives the same ones again, for the rows
+            # filled so far (the others are written before they can be drawn).
+            filled = min(self.count, self.capacity)
+            with torch.no_grad():
+                kept = torch.cat([teacher_logits(self.images[i:min(i + 256, filled)].float())
+                                  for i in range(0, filled, 256)])
+            self.logits = torch.zeros((self.capacity, kept.shape[1]), device=device)
+            self.logits[:filled] = kept
 
 
 class AdversarialGenerator:
@@ -276,13 +272,14 @@ class DfadMethod(DistillMethod):
                 # The teacher labels the view the student sees, so the pair is consistent; mirroring is still gated,
                 # as mirrored views of, say, digits are far from the teacher's data. Until decided, shifts only.
                 fresh = setup.to_memory_format(random_shift_flip(fresh, flip=bool(self.flip_allowed)))
-            fresh_logits = setup.teacher_logits(fresh)
-            fresh_features = self.teacher_features.latest.float() if self.teacher_features else None
+            fresh_logits, fresh_features = self._teacher_targets_of(fresh)
         replayed = self.replay.sample(replay_count) if replay_count and fresh_count < options.batch_size else None
         self.replay.add(fresh, fresh_logits, fresh_features)
-        images, teacher_logits, teacher_features = (fresh, fresh_logits, fresh_features) if replayed is None else (
-            torch.cat([fresh, replayed[0]]), torch.cat([fresh_logits, replayed[1]]),
-            torch.cat([fresh_features, replayed[2]]) if fresh_features is not None else None)
+        images, teacher_logits, teacher_features = fresh, fresh_logits, fresh_features
+        if replayed is not None:
+            images, teacher_logits, teacher_features = [
+                torch.cat(parts) if parts[0] is not None else None
+                for parts in zip((fresh, fresh_logits, fresh_features), replayed)]
         with setup.autocast():
             loss = self.student_loss(setup.student_forward(images).float(), teacher_logits)
             if teacher_features is not None:
@@ -336,14 +333,19 @@ class DfadMethod(DistillMethod):
         self.adversary.load_state_dict(state)
         self.optimizer_s.load_state_dict(state["optimizer_s"])
         self.scaler_s.load_state_dict(state["scaler_s"])
-        self.replay.load(state["replay"], self.setup.device, self._teacher_targets_of,
-                         with_features=self.teacher_features is not None)
+        self.replay.load(state["replay"], self.setup.device, self._teacher_logits_of)
         # A last.pt from before student_augment: its flip was never decided (the option did not exist).
         self.generator_steps = state.get("generator_steps", 0)
         self.flip_allowed = state.get("flip_allowed", self.flip_allowed)
         self.flip_agreement = state.get("flip_agreement")
 
+    def _teacher_logits_of(self, images: torch.Tensor) -> torch.Tensor:
+        return self._teacher_targets_of(images)[0]
+
     def _teacher_targets_of(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The teacher's logits for images and, with feature_match, its penultimate features from that same forward
+        (the hook keeps only the latest one, so both are read here together)."""
         with self.setup.autocast():
             logits = self.setup.teacher_logits(images)
-        return logits, (self.teacher_features.latest.float() if self.teacher_features else None)
+        features = self.teacher_features.latest.float() if self.teacher_features is not None else None
+        return logits, features

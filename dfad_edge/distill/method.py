@@ -45,7 +45,9 @@ class Setup:
     student_forward: Callable[[torch.Tensor], torch.Tensor]  # the student, compiled when asked
     teacher_forward: Callable[[torch.Tensor], torch.Tensor]  # the teacher with its BatchNorm layers (hooks see them)
     folded_teacher_forward: Callable[[torch.Tensor], torch.Tensor]  # the same function, faster (models/frozen.py)
-    folded_teacher: nn.Module  # the module behind folded_teacher_forward (its hooks fire in the compiled forward too)
+    # The module behind folded_teacher_forward: hooks on it fire in the compiled forward too if registered before its
+    # first call (a compiled graph leaves out hooks added later), as the methods do when they are built.
+    folded_teacher: nn.Module
     device: torch.device
     amp_dtype: torch.dtype | None  # the student's training and the generator's steps
     # The teacher's folded forwards (the students' targets, and generator steps without the BN-statistics term, whose
