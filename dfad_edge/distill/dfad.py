@@ -58,13 +58,13 @@ class DfadOptions:
     replay_fraction: float = option(0.5, "share of each student batch taken from the replay memory", min=0, below=1)
     student_augment: bool = option(False, "shift (and, if the teacher is flip-invariant, mirror) each fresh generator "
                                    "image before the teacher labels it for the student")
-    feature_match: float = option(0.0, "weight of an L1 term between the student's and the teacher's penultimate "
-                                  "features (their classifiers' inputs) on the student's images, 0 = off; compared "
-                                  "unit by unit, so meant for a student from the teacher's layers", min=0)
     flip: str = option("auto", "mirror in student_augment; auto: only if the teacher's predictions survive a flip on "
                        f"the generator's images after its first {FLIP_DECISION_ITERATIONS} steps (on adversarial "
                        "images even a flip-invariant teacher seldom passes: on forces it)",
                        choices=("auto", "on", "off"))
+    feature_match: float = option(0.0, "weight of an L1 term between the student's and the teacher's penultimate "
+                                  "features (their classifiers' inputs) on the student's images, 0 = off; compared "
+                                  "unit by unit, so meant for a student from the teacher's layers", min=0)
 
     def validate(self, epochs: int) -> None:
         # The schedule counts epochs of this run: a drop on or after the last epoch would never happen.

@@ -43,7 +43,7 @@ class ClassifierInput:
                             f"its features: --set {option}=0")
         self.width = linears[-1].in_features
         self.latest: torch.Tensor | None = None
-        self.hook = linears[-1].register_forward_pre_hook(self._keep)
+        linears[-1].register_forward_pre_hook(self._keep)
 
     def _keep(self, _layer: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
         self.latest = inputs[0]
