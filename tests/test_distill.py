@@ -15,6 +15,7 @@ from conftest import distill_config, run_cli
 from dfad_edge.checkpoint import load_checkpoint, safe_torch_load
 from dfad_edge.distill import DistillRun, RunInterrupted, apply_overrides, preset_config
 from dfad_edge.distill.augment import random_shift_flip
+from dfad_edge.distill.dfad import ReplayMemory
 from dfad_edge.distill.config import RUN_FACTS, DistillConfig
 from dfad_edge.distill.diagnostics import collapse_diagnostics, collapse_warning, mean_pairwise_distance, normalised_entropy
 from dfad_edge.distill.losses import class_balance_loss
@@ -351,7 +352,9 @@ def test_a_time_budget_ends_the_run_on_time_with_the_learning_rate_run_down(tmp_
                                             ("dfad", {"average_epochs": 1.0}),  # the weight average resumes too
                                             ("dfad", {"options": {"student_augment": True}}),  # and the flip decision
                                             # and the replayed images' teacher features
-                                            ("dfad", {"options": {"feature_match": 0.5}, "student_arch": "digits_cnn"})])
+                                            ("dfad", {"options": {"feature_match": 0.5}, "student_arch": "digits_cnn"}),
+                                            # and the reservoir's draws (the memory wraps before the interruption)
+                                            ("dfad", {"options": {"replay_keep": "reservoir"}})])
 def test_resume_after_sigterm_reaches_the_same_student(tmp_path, digits_teacher, monkeypatch, method, changes):
     # The flip decided before the interruption, and decided "mirror" (unlike "off", it draws other random numbers).
     monkeypatch.setattr("dfad_edge.distill.dfad.FLIP_DECISION_ITERATIONS", 3)
@@ -659,6 +662,34 @@ def test_replayed_images_carry_the_teachers_own_logits_and_an_old_memory_gets_th
     with torch.no_grad():
         assert torch.allclose(fresh.method.replay.logits, run.method._teacher_logits_of(memory.images.float()),
                               atol=1e-4)
+
+
+def _memory_of_numbered_images(keep: str, capacity: int = 100, total: int = 2000, batch: int = 40):
+    """A replay memory fed images 0, 1, 2, ... in batches, each image and its logit holding its number."""
+    memory = ReplayMemory(capacity, keep)
+    for start in range(0, total, batch):
+        numbers = torch.arange(start, start + batch, dtype=torch.float32)
+        memory.add(numbers.view(-1, 1, 1, 1).expand(-1, 1, 2, 2), numbers.view(-1, 1).expand(-1, 3))
+    return memory
+
+
+def test_the_reservoir_keeps_a_uniform_sample_of_the_whole_run_and_the_ring_its_newest_images():
+    torch.manual_seed(0)
+    recent = _memory_of_numbered_images("recent")
+    assert sorted(recent.logits[:, 0].tolist()) == list(range(1900, 2000))
+    shares = []
+    for _ in range(200):
+        memory = _memory_of_numbered_images("reservoir")
+        kept = memory.logits[:, 0]
+        # Each kept image with its own logits, each image at most once, the memory full.
+        assert torch.equal(memory.images[:, 0, 0, 0].float(), kept) and len(kept.unique()) == memory.capacity
+        shares.append(torch.histc(kept, bins=4, min=0, max=2000) / memory.capacity)
+    # Every quarter of the run holds a quarter of the memory: a ring would hold only its last 5%, a memory that
+    # stopped writing when full its first 5%, and draws over the memory instead of over the run would keep mostly the
+    # last quarter (200 memories of 100 put a quarter's share within about 0.003 of 0.25).
+    assert torch.allclose(torch.stack(shares).mean(0), torch.full((4,), 0.25), atol=0.012)
+    # The first images of a run fill the memory as they come (nothing drawn before it is full).
+    assert sorted(_memory_of_numbered_images("reservoir", total=80).logits[:80, 0].tolist()) == list(range(80))
 
 
 def test_feature_match_teaches_each_image_the_teachers_features_for_it_fresh_or_replayed(tmp_path, digits_teacher):

@@ -56,6 +56,9 @@ class DfadOptions:
     class_balance: float = option(0.0, "remedy: weight of DAFL's class-balance term, 0 = off", min=0)
     replay_size: int = option(0, "remedy: past synthetic images replayed to the student, 0 = off", min=0, split=True)
     replay_fraction: float = option(0.5, "share of each student batch taken from the replay memory", min=0, below=1)
+    replay_keep: str = option("recent", "which images the replay memory keeps: recent (a ring of the newest) or "
+                              "reservoir (a uniform sample of every image the run has made)",
+                              choices=("recent", "reservoir"))
     student_augment: bool = option(False, "shift (and, if the teacher is flip-invariant, mirror) each fresh generator "
                                    "image before the teacher labels it for the student")
     flip: str = option("auto", "mirror in student_augment; auto: only if the teacher's predictions survive a flip on "
@@ -84,16 +87,17 @@ class DfadOptions:
 
 
 class ReplayMemory:
-    """A ring buffer of past synthetic images and the teacher's logits for them; mixing them into student steps keeps
-    the student from forgetting regions of input space the generator has moved away from. The teacher is frozen, so
-    its logits for an image never change: kept, they spare a teacher forward for every replayed image (half of each
-    student batch). Images in float16: half the memory (8192 images at 224 px: 2.5 GB, not 4.9), and they are
-    standardised (unit variance), far inside its range. An image's logits are the teacher's for it before that
-    rounding (a float16 rounding apart, against a teacher forward saved); logits stay float32 (8192 x 1000
-    classes: 33 MB). With feature_match, the teacher's penultimate features too (float32; 8192 x 64: 2 MB)."""
+    """Past synthetic images (the newest, or with keep="reservoir" a uniform sample of the whole run) and the
+    teacher's logits for them; mixing them into student steps keeps the student from forgetting regions of input
+    space the generator has moved away from. The teacher is frozen, so its logits for an image never change: kept,
+    they spare a teacher forward for every replayed image (half of each student batch). Images in float16: half the
+    memory (8192 images at 224 px: 2.5 GB, not 4.9), and they are standardised (unit variance), far inside its
+    range. An image's logits are the teacher's for it before that rounding (a float16 rounding apart, against a
+    teacher forward saved); logits stay float32 (8192 x 1000 classes: 33 MB). With feature_match, the teacher's
+    penultimate features too (float32; 8192 x 64: 2 MB)."""
 
-    def __init__(self, capacity: int):
-        self.capacity, self.images, self.logits, self.features, self.count = capacity, None, None, None, 0
+    def __init__(self, capacity: int, keep: str = "recent"):
+        self.capacity, self.keep, self.images, self.logits, self.features, self.count = capacity, keep, None, None, None, 0
 
     def add(self, images: torch.Tensor, logits: torch.Tensor, features: torch.Tensor | None = None) -> None:
         if self.capacity <= 0:
@@ -103,12 +107,28 @@ class ReplayMemory:
             self.logits = torch.empty((self.capacity, logits.shape[1]), dtype=torch.float32, device=images.device)
         if features is not None and self.features is None:
             self.features = torch.empty((self.capacity, features.shape[1]), dtype=torch.float32, device=images.device)
-        positions = (torch.arange(len(images), device=images.device) + self.count) % self.capacity
-        self.images[positions] = images.detach().to(torch.float16)
-        self.logits[positions] = logits.detach().float()
+        rows, positions = self._slots_for(len(images), images.device)
+        self.images[positions] = images.detach()[rows].to(torch.float16)
+        self.logits[positions] = logits.detach()[rows].float()
         if features is not None:
-            self.features[positions] = features.detach().float()
+            self.features[positions] = features.detach()[rows].float()
         self.count += len(images)
+
+    def _slots_for(self, size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Which of ``size`` new images are written, and where. Recent: all, over the oldest. Reservoir (Vitter's
+        algorithm R): the n-th image of the run replaces a random slot with probability capacity / n, so the memory
+        stays a uniform sample of the whole run, not of its last minute."""
+        seen = torch.arange(size, device=device) + self.count
+        if self.keep == "recent":
+            return torch.arange(size, device=device), seen % self.capacity
+        slots = torch.where(seen < self.capacity, seen,
+                            (torch.rand(size, device=device) * (seen + 1)).long())
+        kept = (slots < self.capacity).nonzero().flatten()
+        # Two new images drawn to one slot: the later one wins, as if written one after the other.
+        last = torch.full((self.capacity,), -1, dtype=torch.long, device=device)
+        last.scatter_reduce_(0, slots[kept], kept, reduce="amax")
+        rows = last[last >= 0]
+        return rows, slots[rows]
 
     def sample(self, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
         """``size`` stored images (as float32), their teacher logits and (if kept) features, drawn with replacement."""
@@ -230,7 +250,7 @@ class DfadMethod(DistillMethod):
                                               options.generator_batch or options.batch_size)
         self.generator = self.adversary.generator
         self.optimizer_s, self.scaler_s = student_optimizer(setup, options)
-        self.replay = ReplayMemory(options.replay_size)
+        self.replay = ReplayMemory(options.replay_size, options.replay_keep)
         self.generator_steps = 0
         self.flip_allowed: bool | None = forced_flip(options.flip)
         self.flip_agreement: float | None = None
