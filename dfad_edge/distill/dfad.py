@@ -97,7 +97,8 @@ class ReplayMemory:
     penultimate features too (float32; 8192 x 64: 2 MB)."""
 
     def __init__(self, capacity: int, keep: str = "recent"):
-        self.capacity, self.keep, self.images, self.logits, self.features, self.count = capacity, keep, None, None, None, 0
+        self.capacity, self.keep, self.count = capacity, keep, 0
+        self.images = self.logits = self.features = None
 
     def add(self, images: torch.Tensor, logits: torch.Tensor, features: torch.Tensor | None = None) -> None:
         if self.capacity <= 0:
@@ -114,15 +115,16 @@ class ReplayMemory:
             self.features[positions] = features.detach()[rows].float()
         self.count += len(images)
 
-    def _slots_for(self, size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def _slots_for(self, size: int, device: torch.device) -> tuple[torch.Tensor | slice, torch.Tensor]:
         """Which of ``size`` new images are written, and where. Recent: all, over the oldest. Reservoir (Vitter's
         algorithm R): the n-th image of the run replaces a random slot with probability capacity / n, so the memory
         stays a uniform sample of the whole run, not of its last minute."""
-        seen = torch.arange(size, device=device) + self.count
+        run_index = torch.arange(size, device=device) + self.count
         if self.keep == "recent":
-            return torch.arange(size, device=device), seen % self.capacity
-        slots = torch.where(seen < self.capacity, seen,
-                            (torch.rand(size, device=device) * (seen + 1)).long())
+            return slice(None), run_index % self.capacity
+        # float64: float32's 24 bits would leave some slots undrawable after 16.8 M images (a long GPU run's count).
+        draws = torch.rand(size, dtype=torch.float64, device=device) * (run_index + 1)
+        slots = torch.where(run_index < self.capacity, run_index, draws.long())
         kept = (slots < self.capacity).nonzero().flatten()
         # Two new images drawn to one slot: the later one wins, as if written one after the other.
         last = torch.full((self.capacity,), -1, dtype=torch.long, device=device)
