@@ -18,7 +18,7 @@ from dfad_edge.distill.augment import random_shift_flip
 from dfad_edge.distill.config import RUN_FACTS, DistillConfig
 from dfad_edge.distill.dfad import ReplayMemory
 from dfad_edge.distill.diagnostics import collapse_diagnostics, collapse_warning, mean_pairwise_distance, normalised_entropy
-from dfad_edge.distill.losses import class_balance_loss
+from dfad_edge.distill.losses import class_balance_loss, stage_match_loss
 from dfad_edge.distill.weight_average import WeightAverage
 from dfad_edge.errors import DfadError
 from dfad_edge.evaluate import evaluate_checkpoint
@@ -708,7 +708,7 @@ def test_feature_match_teaches_each_image_the_teachers_features_for_it_fresh_or_
     with torch.no_grad():
         logits, features = method._teacher_targets_of(memory.images.float())
     # The memory keeps each stored image's own teacher features (float16 storage moves them by a rounding at most).
-    assert features.shape == (memory.capacity, 32 * 4) and torch.allclose(memory.features, features, atol=0.05)
+    assert features.shape == (memory.capacity, 32 * 4) and torch.allclose(memory.features.float(), features, atol=0.05)
     # A student step's loss is the logit term plus the weighted feature term, both against the teacher's targets for
     # the very images the student saw (half fresh, half replayed).
     seen = []
@@ -736,6 +736,102 @@ def test_feature_match_refuses_a_student_of_another_width_in_one_line(tmp_path, 
                      "--set", "feature_match=1", "--set", "epochs=1")
     assert result.exit_code != 0 and "feature_match compares penultimate features" in result.output
     assert "Traceback" not in result.output
+
+
+def _random_resnet56_teacher(folder: Path) -> Path:
+    """A ResNet-56 at 32 px with random weights: stage outputs need a teacher with stages."""
+    from dfad_edge.checkpoint import InputSpec, model_checkpoint
+    from dfad_edge.models import create_model
+
+    torch.manual_seed(0)
+    teacher = create_model("resnet56", num_classes=10)
+    path = folder / "resnet56.pt"
+    model_checkpoint(teacher.eval(), "resnet56", {}, 10, InputSpec(3, 32, 32, [0.5] * 3, [0.5] * 3), None,
+                     "test").save(path)
+    return path
+
+
+def _stage_match_run(folder: Path, **changes) -> DistillRun:
+    settings = dict(student_arch="resnet20", compile_teacher=False, amp="off", channels_last="off", diagnostic_images=8,
+                    sample_images=4, options={"batch_size": 8, "student_steps": 1, "replay_size": 16, "stage_match": 0.5})
+    folder.mkdir(parents=True, exist_ok=True)
+    return DistillRun(distill_config("dfad", **{**settings, **changes}), _random_resnet56_teacher(folder), folder / "run")
+
+
+def test_stage_match_loss_weighs_every_stage_alike_whatever_its_scale():
+    torch.manual_seed(0)
+    teacher = [torch.randn(4, 2, 3, 3) * 100, torch.randn(4, 5)]  # two stages, their outputs 100 times apart
+    rows = torch.cat([output.flatten(1) for output in teacher], 1)
+    assert float(stage_match_loss(teacher, rows)) == 0
+    # 10% off everywhere, or exact in one stage and 20% off in the other: 0.1 either way, whichever stage is larger.
+    assert float(stage_match_loss([output * 1.1 for output in teacher], rows)) == pytest.approx(0.1, rel=1e-4)
+    assert float(stage_match_loss([teacher[0], teacher[1] * 1.2], rows)) == pytest.approx(0.1, rel=1e-4)
+    assert float(stage_match_loss([teacher[0] * 1.2, teacher[1]], rows)) == pytest.approx(0.1, rel=1e-4)
+
+
+def test_stage_match_teaches_each_image_the_teachers_stage_outputs_for_it_fresh_or_replayed(tmp_path, monkeypatch):
+    import dfad_edge.distill.dfad as dfad_module
+
+    run = _stage_match_run(tmp_path)
+    method, teacher = run.method, run.setup.teacher
+    for _ in range(4):  # 8 fresh images, then 4 fresh and 4 replayed per step: the memory fills and wraps
+        method.iteration(0.5)
+    memory = method.replay
+    assert memory.count > memory.capacity
+
+    def stage_outputs(model, forward, images):  # read with hooks of this test's own
+        kept = []
+        handles = [getattr(model, name).register_forward_hook(lambda _m, _i, output: kept.append(output.detach()))
+                   for name in ("layer1", "layer2", "layer3")]
+        result = forward(images)
+        for handle in handles:
+            handle.remove()
+        return result, kept
+
+    def teacher_rows(images):
+        with torch.no_grad():
+            return torch.cat([output.flatten(1) for output in stage_outputs(teacher, teacher, images)[1]], 1)
+
+    # The memory keeps each stored image's own stage outputs, flattened side by side (float16 storage rounds the
+    # image and its outputs).
+    assert memory.features.shape == (16, 16 * 32 * 32 + 32 * 16 * 16 + 64 * 8 * 8)
+    stored = teacher_rows(memory.images.float())
+    scale = stored.abs().max()
+    assert (memory.features.float() - stored).abs().max() < 0.01 * scale
+    # A student step compares the student's stage outputs of that very forward with the teacher's for the very
+    # images seen: fresh ones (the first half) as computed, replayed ones as kept; another image's are far off.
+    calls, seen = [], []
+    real_loss, student_forward = dfad_module.stage_match_loss, run.setup.student_forward
+    monkeypatch.setattr(dfad_module, "stage_match_loss",
+                        lambda student, rows: calls.append(([o.detach() for o in student], rows)) or real_loss(student, rows))
+
+    def recording(batch):
+        output, stages = stage_outputs(run.student, student_forward, batch)
+        seen.append((batch.detach().clone(), stages))
+        return output
+
+    run.setup.student_forward = recording
+    method.student_step()
+    (student_outputs, rows), = calls
+    images, student_stages = seen[0]
+    assert all(torch.equal(compared, own) for compared, own in zip(student_outputs, student_stages))
+    expected = teacher_rows(images)
+    scale = expected.abs().max()
+    assert torch.allclose(rows[:4], expected[:4], rtol=1e-4, atol=1e-4 * scale)
+    assert (rows[4:] - expected[4:]).abs().max() < 0.01 * scale
+    assert (rows[4:] - expected[4:].roll(1, 0)).abs().max() > 0.1 * scale
+
+
+def test_stage_match_refuses_students_without_the_teachers_stages_in_one_line(tmp_path, digits_teacher):
+    result = run_cli("distill", "--teacher", digits_teacher, "--out", tmp_path / "digits", "--method", "dfad",
+                     "--set", "stage_match=1", "--set", "epochs=1")
+    assert result.exit_code == 2 and "has no stages of blocks" in result.output and "Traceback" not in result.output
+    with pytest.raises(DfadError, match="stages of the same names"):
+        _stage_match_run(tmp_path / "resnet18", student_init="random", student_arch="resnet18_8x")
+    # Same stages at another input size: the shapes differ, found at the first step, before any term is computed.
+    run = _stage_match_run(tmp_path / "small", student_init="random", student_input_size=(16, 16))
+    with pytest.raises(DfadError, match="compares stage outputs unit by unit"):
+        run.method.iteration(0.5)
 
 
 def test_student_augment_has_the_teacher_label_the_shifted_view_and_mirrors_only_once_allowed(

@@ -21,7 +21,8 @@ from ..errors import DfadError
 from ..models import create_model
 from ..options import option
 from .augment import random_shift_flip
-from .losses import BatchNormStatistics, ClassifierInput, class_balance_loss, require_batchnorm, student_logit_loss
+from .losses import (BatchNormStatistics, ClassifierInput, StageOutputs, class_balance_loss, require_batchnorm,
+                     stage_match_loss, student_logit_loss)
 from .method import (FLIP_AGREEMENT, GENERATOR_FORMAT, DistillMethod, Setup, adam, forced_flip, generator_kwargs,
                      register_method, scaled_step, student_optimizer)
 from .schedule import SCHEDULES, epoch_progress, lr_factor, set_lr
@@ -68,6 +69,10 @@ class DfadOptions:
     feature_match: float = option(0.0, "weight of an L1 term between the student's and the teacher's penultimate "
                                   "features (their classifiers' inputs) on the student's images, 0 = off; compared "
                                   "unit by unit, so meant for a student from the teacher's layers", min=0)
+    stage_match: float = option(0.0, "weight of an L1 term between the output of each of the student's stages (a "
+                                "ResNet's layer1-3) and the teacher's same stage, relative to the teacher's mean "
+                                "activation there, on the student's images, 0 = off; for a student from the teacher's "
+                                "layers (the same widths)", min=0)
 
     def validate(self, epochs: int) -> None:
         # The schedule counts epochs of this run: a drop on or after the last epoch would never happen.
@@ -93,8 +98,9 @@ class ReplayMemory:
     they spare a teacher forward for every replayed image (half of each student batch). Images in float16: half the
     memory (8192 images at 224 px: 2.5 GB, not 4.9), and they are standardised (unit variance), far inside its
     range. An image's logits are the teacher's for it before that rounding (a float16 rounding apart, against a
-    teacher forward saved); logits stay float32 (8192 x 1000 classes: 33 MB). With feature_match, the teacher's
-    penultimate features too (float32; 8192 x 64: 2 MB)."""
+    teacher forward saved); logits stay float32 (8192 x 1000 classes: 33 MB). With feature_match or stage_match, the
+    teacher's features too, one row per image, in float16 (penultimate: 8192 x 64, 1 MB; a ResNet-56's stage outputs
+    at 32 px: 8192 x 28,672, 470 MB)."""
 
     def __init__(self, capacity: int, keep: str = "recent"):
         self.capacity, self.keep, self.count = capacity, keep, 0
@@ -107,12 +113,12 @@ class ReplayMemory:
             self.images = torch.empty((self.capacity, *images.shape[1:]), dtype=torch.float16, device=images.device)
             self.logits = torch.empty((self.capacity, logits.shape[1]), dtype=torch.float32, device=images.device)
         if features is not None and self.features is None:
-            self.features = torch.empty((self.capacity, features.shape[1]), dtype=torch.float32, device=images.device)
+            self.features = torch.empty((self.capacity, features.shape[1]), dtype=torch.float16, device=images.device)
         rows, positions = self._slots_for(len(images), images.device)
         self.images[positions] = images.detach()[rows].to(torch.float16)
         self.logits[positions] = logits.detach()[rows].float()
         if features is not None:
-            self.features[positions] = features.detach()[rows].float()
+            self.features[positions] = features.detach()[rows].to(self.features.dtype)
         self.count += len(images)
 
     def _slots_for(self, size: int, device: torch.device) -> tuple[torch.Tensor | slice, torch.Tensor]:
@@ -138,7 +144,7 @@ class ReplayMemory:
         if self.images is None or filled < size:
             return None
         picked = torch.randint(0, filled, (size,), device=self.images.device)
-        features = self.features[picked] if self.features is not None else None
+        features = self.features[picked].float() if self.features is not None else None
         return self.images[picked].float(), self.logits[picked], features
 
     def state(self) -> dict:
@@ -257,6 +263,7 @@ class DfadMethod(DistillMethod):
         self.flip_allowed: bool | None = forced_flip(options.flip)
         self.flip_agreement: float | None = None
         self.student_features, self.teacher_features = self._feature_taps() if options.feature_match > 0 else (None, None)
+        self.student_stages, self.teacher_stages = self._stage_taps() if options.stage_match > 0 else (None, None)
 
     def _feature_taps(self) -> tuple[ClassifierInput, ClassifierInput]:
         """The student's and the teacher's penultimate features, kept at each forward (the teacher's inference copy:
@@ -267,6 +274,18 @@ class DfadMethod(DistillMethod):
         if student.width != teacher.width:
             raise DfadError(f"feature_match compares penultimate features, but the student has {student.width} and the "
                             f"teacher {teacher.width}: pick a student of the teacher's width or --set feature_match=0")
+        return student, teacher
+
+    def _stage_taps(self) -> tuple[StageOutputs, StageOutputs]:
+        """The outputs of the student's and the teacher's stages, kept at each forward; their names must match (a
+        student from the teacher's layers keeps them), their shapes are checked at the first student step. The
+        teacher's are the original's: its folded copy is a traced graph whose stage containers are never called."""
+        setup = self.setup
+        student = StageOutputs(setup.student, "student", "stage_match")
+        teacher = StageOutputs(setup.teacher, "teacher", "stage_match")
+        if student.names != teacher.names:
+            raise DfadError(f"stage_match compares stages of the same names, but the student has {student.names} and "
+                            f"the teacher {teacher.names}: a student of the teacher's family or --set stage_match=0")
         return student, teacher
 
     def _set_learning_rates(self, progress: float) -> None:
@@ -305,10 +324,33 @@ class DfadMethod(DistillMethod):
         with setup.autocast():
             loss = self.student_loss(setup.student_forward(images).float(), teacher_logits)
             if teacher_features is not None:
-                # Features say more per image than logits do (64 numbers against 10 at CIFAR scale).
-                loss = loss + options.feature_match * F.l1_loss(self.student_features.latest.float(), teacher_features)
+                loss = loss + self._feature_terms(teacher_features)
         scaled_step(loss, self.optimizer_s, self.scaler_s)
         return loss.detach()
+
+    def _feature_terms(self, teacher_features: torch.Tensor) -> torch.Tensor:
+        """feature_match's and stage_match's terms for the student's latest forward. Features say more per image than
+        logits do (64 numbers against 10 at CIFAR scale; a ResNet's stage outputs 28,672). ``teacher_features``: one
+        row per image, the penultimate features first, then the stage outputs (as _teacher_targets_of gives them)."""
+        options, terms = self.options, []
+        if self.student_features is not None:
+            width = self.student_features.width
+            terms.append(options.feature_match * F.l1_loss(self.student_features.latest.float(),
+                                                           teacher_features[:, :width]))
+            teacher_features = teacher_features[:, width:]
+        if self.student_stages is not None:
+            student_outputs = self.student_stages.outputs()
+            self._check_stage_shapes(student_outputs)
+            terms.append(options.stage_match * stage_match_loss(student_outputs, teacher_features))
+        return torch.stack(terms).sum()
+
+    def _check_stage_shapes(self, student_outputs: list[torch.Tensor]) -> None:
+        teacher_outputs = self.teacher_stages.outputs()
+        for name, student, teacher in zip(self.student_stages.names, student_outputs, teacher_outputs):
+            if student.shape[1:] != teacher.shape[1:]:
+                raise DfadError(f"stage_match compares stage outputs unit by unit, but the student's {name} gives "
+                                f"{tuple(student.shape[1:])} and the teacher's {tuple(teacher.shape[1:])}: a student "
+                                "from the teacher's layers (--set student_init=teacher) or --set stage_match=0")
 
     def iteration(self, progress: float) -> dict[str, torch.Tensor]:
         self._set_learning_rates(progress)
@@ -365,9 +407,14 @@ class DfadMethod(DistillMethod):
         return self._teacher_targets_of(images)[0]
 
     def _teacher_targets_of(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The teacher's logits for images and, with feature_match, its penultimate features from that same forward
-        (the hook keeps only the latest one, so both are read here together)."""
+        """The teacher's logits for images and, with feature_match or stage_match, its features from that same
+        forward (the hooks keep only the latest one, so all are read here together), one row per image: the
+        penultimate features, then each stage's output flattened."""
         with self.setup.autocast():
-            logits = self.setup.teacher_logits(images)
-        features = self.teacher_features.latest.float() if self.teacher_features is not None else None
-        return logits, features
+            logits = self.setup.teacher_logits(images, batchnorm_hooks=self.teacher_stages is not None)
+        features = []
+        if self.teacher_features is not None:
+            features.append(self.teacher_features.latest.float())
+        if self.teacher_stages is not None:
+            features.extend(output.float().flatten(1) for output in self.teacher_stages.outputs())
+        return logits, torch.cat(features, 1) if features else None

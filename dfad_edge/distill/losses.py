@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Callable
 
 import torch
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 
 from ..distributed import mean_over_ranks, sum_over_ranks, world_size
 from ..errors import DfadError
+from .student_init import block_stages
 
 LogitLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -47,6 +49,37 @@ class ClassifierInput:
 
     def _keep(self, _layer: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
         self.latest = inputs[0]
+
+
+class StageOutputs:
+    """The output of each of a network's stages (its containers of blocks of one kind: a ResNet's layer1-3) at its
+    latest forward, kept by hooks, which also fire inside a compiled forward if registered before its first call."""
+
+    def __init__(self, model: nn.Module, role: str, option: str):
+        self.names = list(block_stages(model))
+        if not self.names:
+            raise DfadError(f"the {role} has no stages of blocks (as a ResNet's layer1-3), so '{option}' has nothing to "
+                            f"compare: --set {option}=0")
+        self.latest: dict[str, torch.Tensor] = {}
+        for name in self.names:
+            model.get_submodule(name).register_forward_hook(partial(self._keep, name))
+
+    def _keep(self, name: str, _module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
+        self.latest[name] = output
+
+    def outputs(self) -> list[torch.Tensor]:
+        return [self.latest[name] for name in self.names]
+
+
+def stage_match_loss(student_outputs: list[torch.Tensor], teacher_outputs: torch.Tensor) -> torch.Tensor:
+    """The mean over stages of the L1 distance between the student's and the teacher's stage outputs, each relative
+    to the teacher's mean magnitude in that stage, so that every stage weighs alike whatever the scale of its
+    activations. ``teacher_outputs``: the stages' outputs flattened side by side, one row per image (as a replay memory
+    keeps them)."""
+    parts = teacher_outputs.split([output[0].numel() for output in student_outputs], 1)
+    terms = [F.l1_loss(student.float().flatten(1), teacher) / teacher.abs().mean().clamp_min(1e-6)
+             for student, teacher in zip(student_outputs, parts)]
+    return torch.stack(terms).mean()
 
 
 def agreement_masked_adversarial(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
