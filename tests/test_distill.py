@@ -739,23 +739,31 @@ def test_feature_match_refuses_a_student_of_another_width_in_one_line(tmp_path, 
 
 
 def _random_resnet56_teacher(folder: Path) -> Path:
-    """A ResNet-56 at 32 px with random weights: stage outputs need a teacher with stages."""
+    """A ResNet-56 at 32 px with random weights: stage outputs need a teacher with stages. Each block's last
+    BatchNorm scaled down, as training leaves a deep ResNet's, so that activations and logits keep a trained
+    network's size instead of growing block after block."""
     from dfad_edge.checkpoint import InputSpec, model_checkpoint
     from dfad_edge.models import create_model
 
     torch.manual_seed(0)
     teacher = create_model("resnet56", num_classes=10)
+    for name, module in teacher.named_modules():
+        if name.endswith("bn2"):
+            module.weight.data.fill_(0.2)
     path = folder / "resnet56.pt"
     model_checkpoint(teacher.eval(), "resnet56", {}, 10, InputSpec(3, 32, 32, [0.5] * 3, [0.5] * 3), None,
                      "test").save(path)
     return path
 
 
-def _stage_match_run(folder: Path, **changes) -> DistillRun:
+def _stage_match_run(folder: Path, feature_match: float = 0.0, **changes) -> DistillRun:
+    options = {"batch_size": 8, "student_steps": 1, "replay_size": 16, "stage_match": 0.5,
+               "feature_match": feature_match}
     settings = dict(student_arch="resnet20", compile_teacher=False, amp="off", channels_last="off", diagnostic_images=8,
-                    sample_images=4, options={"batch_size": 8, "student_steps": 1, "replay_size": 16, "stage_match": 0.5})
+                    sample_images=4, options=options)
     folder.mkdir(parents=True, exist_ok=True)
-    return DistillRun(distill_config("dfad", **{**settings, **changes}), _random_resnet56_teacher(folder), folder / "run")
+    config = distill_config("dfad", **{**settings, **changes})
+    return DistillRun(config, _random_resnet56_teacher(folder), folder / "run")
 
 
 def test_stage_match_loss_weighs_every_stage_alike_whatever_its_scale():
@@ -767,71 +775,104 @@ def test_stage_match_loss_weighs_every_stage_alike_whatever_its_scale():
     assert float(stage_match_loss([output * 1.1 for output in teacher], rows)) == pytest.approx(0.1, rel=1e-4)
     assert float(stage_match_loss([teacher[0], teacher[1] * 1.2], rows)) == pytest.approx(0.1, rel=1e-4)
     assert float(stage_match_loss([teacher[0] * 1.2, teacher[1]], rows)) == pytest.approx(0.1, rel=1e-4)
+    # Relative to the stage's mean magnitude, not element by element: |2 - 1| over a mean of 2 is 0.25, where
+    # element-wise relative errors would average 0.5.
+    one_stage = [torch.tensor([[1.0, 3.0]])]
+    assert float(stage_match_loss([torch.tensor([[2.0, 3.0]])], torch.tensor([[1.0, 3.0]]))) == pytest.approx(0.25)
+    assert float(stage_match_loss(one_stage, torch.tensor([[1.0, 3.0]]))) == 0
 
 
-def test_stage_match_teaches_each_image_the_teachers_stage_outputs_for_it_fresh_or_replayed(tmp_path, monkeypatch):
+@pytest.mark.parametrize("feature_match", [0.0, 0.25])
+def test_stage_match_teaches_each_image_the_teachers_stage_outputs_for_it_fresh_or_replayed(tmp_path, monkeypatch,
+                                                                                           feature_match):
     import dfad_edge.distill.dfad as dfad_module
 
-    run = _stage_match_run(tmp_path)
+    run = _stage_match_run(tmp_path, feature_match=feature_match)
     method, teacher = run.method, run.setup.teacher
     for _ in range(4):  # 8 fresh images, then 4 fresh and 4 replayed per step: the memory fills and wraps
         method.iteration(0.5)
     memory = method.replay
     assert memory.count > memory.capacity
 
-    def stage_outputs(model, forward, images):  # read with hooks of this test's own
+    def outputs(model, forward, images):  # the stage outputs and penultimate features, read with this test's hooks
         kept = []
         handles = [getattr(model, name).register_forward_hook(lambda _m, _i, output: kept.append(output.detach()))
                    for name in ("layer1", "layer2", "layer3")]
+        handles.append(model.linear.register_forward_pre_hook(lambda _m, inputs: kept.append(inputs[0].detach())))
         result = forward(images)
         for handle in handles:
             handle.remove()
-        return result, kept
+        return result, kept[:3], kept[3]
 
-    def teacher_rows(images):
+    def teacher_rows(images):  # as the memory keeps them: penultimate features (with feature_match), then stages
         with torch.no_grad():
-            return torch.cat([output.flatten(1) for output in stage_outputs(teacher, teacher, images)[1]], 1)
+            _, stages, penultimate = outputs(teacher, teacher, images)
+        return torch.cat(([penultimate] if feature_match else []) + [output.flatten(1) for output in stages], 1)
 
-    # The memory keeps each stored image's own stage outputs, flattened side by side (float16 storage rounds the
-    # image and its outputs).
-    assert memory.features.shape == (16, 16 * 32 * 32 + 32 * 16 * 16 + 64 * 8 * 8)
+    width = 64 if feature_match else 0
+    assert memory.features.shape == (16, width + 16 * 32 * 32 + 32 * 16 * 16 + 64 * 8 * 8)
+    # The memory keeps each stored image's own outputs, side by side (float16 storage rounds image and outputs).
     stored = teacher_rows(memory.images.float())
-    scale = stored.abs().max()
-    assert (memory.features.float() - stored).abs().max() < 0.01 * scale
+    assert (memory.features.float() - stored).abs().max() < 0.01 * stored.abs().max()
     # A student step compares the student's stage outputs of that very forward with the teacher's for the very
     # images seen: fresh ones (the first half) as computed, replayed ones as kept; another image's are far off.
-    calls, seen = [], []
-    real_loss, student_forward = dfad_module.stage_match_loss, run.setup.student_forward
-    monkeypatch.setattr(dfad_module, "stage_match_loss",
-                        lambda student, rows: calls.append(([o.detach() for o in student], rows)) or real_loss(student, rows))
+    calls, seen, logit_targets = [], [], []
+    real_loss, logit_loss = dfad_module.stage_match_loss, method.student_loss
+    student_forward = run.setup.student_forward
+
+    def recording_stage_loss(student, rows):
+        term = real_loss(student, rows)
+        calls.append(([output.detach() for output in student], rows, term.detach()))
+        return term
 
     def recording(batch):
-        output, stages = stage_outputs(run.student, student_forward, batch)
-        seen.append((batch.detach().clone(), stages))
+        output, stages, penultimate = outputs(run.student, student_forward, batch)
+        seen.append((batch.detach().clone(), output.detach(), stages, penultimate))
         return output
 
+    monkeypatch.setattr(dfad_module, "stage_match_loss", recording_stage_loss)
     run.setup.student_forward = recording
-    method.student_step()
-    (student_outputs, rows), = calls
-    images, student_stages = seen[0]
+    method.student_loss = lambda output, target: logit_targets.append(target) or logit_loss(output, target)
+    loss = method.student_step()
+    (student_outputs, rows, stage_term), = calls
+    images, student_logits, student_stages, student_penultimate = seen[0]
+    assert len(student_outputs) == len(student_stages) == 3
     assert all(torch.equal(compared, own) for compared, own in zip(student_outputs, student_stages))
-    expected = teacher_rows(images)
+    expected = teacher_rows(images)[:, width:]
     scale = expected.abs().max()
     assert torch.allclose(rows[:4], expected[:4], rtol=1e-4, atol=1e-4 * scale)
     assert (rows[4:] - expected[4:]).abs().max() < 0.01 * scale
     assert (rows[4:] - expected[4:].roll(1, 0)).abs().max() > 0.1 * scale
+    # The step's loss: the logit term, the weighted penultimate term (if on) and the weighted stage term.
+    terms = float(torch.nn.functional.l1_loss(student_logits, logit_targets[0])) + 0.5 * float(stage_term)
+    if feature_match:
+        penultimate = teacher_rows(images)[:, :width]
+        terms += feature_match * float(torch.nn.functional.l1_loss(student_penultimate, penultimate))
+    assert float(stage_term) > 0.01 and float(loss) == pytest.approx(terms, rel=2e-3)
 
 
 def test_stage_match_refuses_students_without_the_teachers_stages_in_one_line(tmp_path, digits_teacher):
     result = run_cli("distill", "--teacher", digits_teacher, "--out", tmp_path / "digits", "--method", "dfad",
                      "--set", "stage_match=1", "--set", "epochs=1")
     assert result.exit_code == 2 and "has no stages of blocks" in result.output and "Traceback" not in result.output
-    with pytest.raises(DfadError, match="stages of the same names"):
+    with pytest.raises(DfadError, match="stages of the same names") as names:
         _stage_match_run(tmp_path / "resnet18", student_init="random", student_arch="resnet18_8x")
-    # Same stages at another input size: the shapes differ, found at the first step, before any term is computed.
-    run = _stage_match_run(tmp_path / "small", student_init="random", student_input_size=(16, 16))
-    with pytest.raises(DfadError, match="compares stage outputs unit by unit"):
-        run.method.iteration(0.5)
+    # The same stages at another input size: shapes differ, found on one example before the replay memory is sized.
+    with pytest.raises(DfadError, match="compares stage outputs unit by unit") as shapes:
+        _stage_match_run(tmp_path / "small", student_init="random", student_input_size=(16, 16))
+    assert "student_input_size" in str(shapes.value)
+    assert "\n" not in str(names.value) and "\n" not in str(shapes.value)
+
+
+def test_a_replay_memory_saved_with_float32_features_resumes_as_it_was():
+    # Features were float32 before stage_match made them float16: an older last.pt keeps its own, new rows cast to it.
+    memory = ReplayMemory(4)
+    old = {"images": torch.zeros(4, 1, 2, 2, dtype=torch.float16), "logits": torch.zeros(4, 3),
+           "features": torch.full((4, 5), 0.1), "count": 4}
+    memory.load(old, torch.device("cpu"), teacher_logits=None)
+    memory.add(torch.ones(2, 1, 2, 2), torch.ones(2, 3), torch.full((2, 5), 1 / 3))
+    assert memory.features.dtype == torch.float32 and memory.features[0, 0] == torch.tensor(1 / 3)
+    assert torch.equal(memory.features[2:], torch.full((2, 5), 0.1))
 
 
 def test_student_augment_has_the_teacher_label_the_shifted_view_and_mirrors_only_once_allowed(

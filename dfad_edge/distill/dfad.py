@@ -154,7 +154,8 @@ class ReplayMemory:
              teacher_logits: Callable[[torch.Tensor], torch.Tensor]) -> None:
         self.images = state["images"].to(device) if state["images"] is not None else None
         self.count = state["count"]
-        # A run resumes with its saved options, so a memory without features is one of a run without feature_match.
+        # A run resumes with its saved options, so a memory without features is one of a run without feature_match
+        # and stage_match. One from before features were float16 stays float32 (new rows are cast to it).
         self.features = state.get("features")
         if self.features is not None:
             self.features = self.features.to(device)
@@ -266,26 +267,46 @@ class DfadMethod(DistillMethod):
         self.student_stages, self.teacher_stages = self._stage_taps() if options.stage_match > 0 else (None, None)
 
     def _feature_taps(self) -> tuple[ClassifierInput, ClassifierInput]:
-        """The student's and the teacher's penultimate features, kept at each forward (the teacher's inference copy:
-        the one that labels the student's images)."""
+        """The student's and the teacher's penultimate features, kept at each forward (on the teacher that labels the
+        student's images: the original with stage_match, else its inference copy)."""
         setup = self.setup
         student = ClassifierInput(setup.student, setup.num_classes, "student", "feature_match")
-        teacher = ClassifierInput(setup.folded_teacher, setup.num_classes, "teacher", "feature_match")
+        teacher = ClassifierInput(self._labelling_teacher(), setup.num_classes, "teacher", "feature_match")
         if student.width != teacher.width:
             raise DfadError(f"feature_match compares penultimate features, but the student has {student.width} and the "
                             f"teacher {teacher.width}: pick a student of the teacher's width or --set feature_match=0")
         return student, teacher
 
+    def _labelling_teacher(self) -> torch.nn.Module:
+        """The teacher module whose forward labels the student's images: the original with stage_match (its folded
+        copy is a traced graph whose stage containers are never called), else the faster folded copy."""
+        return self.setup.teacher if self.options.stage_match > 0 else self.setup.folded_teacher
+
     def _stage_taps(self) -> tuple[StageOutputs, StageOutputs]:
-        """The outputs of the student's and the teacher's stages, kept at each forward; their names must match (a
-        student from the teacher's layers keeps them), their shapes are checked at the first student step. The
-        teacher's are the original's: its folded copy is a traced graph whose stage containers are never called."""
+        """The outputs of the student's and the teacher's stages, kept at each forward. Their names and shapes must
+        match (a student from the teacher's layers, at the teacher's input size), checked here on one example, before
+        the replay memory is sized for them."""
         setup = self.setup
         student = StageOutputs(setup.student, "student", "stage_match")
-        teacher = StageOutputs(setup.teacher, "teacher", "stage_match")
+        teacher = StageOutputs(self._labelling_teacher(), "teacher", "stage_match")
         if student.names != teacher.names:
             raise DfadError(f"stage_match compares stages of the same names, but the student has {student.names} and "
-                            f"the teacher {teacher.names}: a student of the teacher's family or --set stage_match=0")
+                            f"the teacher {teacher.names}: pick a student of the teacher's family or --set "
+                            "stage_match=0")
+        example = torch.zeros(2, *setup.student_spec.shape, device=setup.device)
+        training = setup.student.training
+        setup.student.eval()  # no batch statistics of a blank example in the student's running averages
+        with torch.no_grad():
+            setup.student(example)
+            setup.teacher(F.interpolate(example, size=setup.teacher_size) if setup.teacher_size else example)
+        setup.student.train(training)
+        for name, ours, theirs in zip(student.names, student.outputs(), teacher.outputs()):
+            if ours.shape[1:] != theirs.shape[1:]:
+                raise DfadError(f"stage_match compares stage outputs unit by unit, but the student's {name} gives "
+                                f"{tuple(ours.shape[1:])} and the teacher's {tuple(theirs.shape[1:])}: "
+                                + ("the teacher's input size for the student (no --set student_input_size)"
+                                   if ours.shape[1] == theirs.shape[1] else "a student of the teacher's widths")
+                                + " or --set stage_match=0")
         return student, teacher
 
     def _set_learning_rates(self, progress: float) -> None:
@@ -339,18 +360,8 @@ class DfadMethod(DistillMethod):
                                                            teacher_features[:, :width]))
             teacher_features = teacher_features[:, width:]
         if self.student_stages is not None:
-            student_outputs = self.student_stages.outputs()
-            self._check_stage_shapes(student_outputs)
-            terms.append(options.stage_match * stage_match_loss(student_outputs, teacher_features))
+            terms.append(options.stage_match * stage_match_loss(self.student_stages.outputs(), teacher_features))
         return torch.stack(terms).sum()
-
-    def _check_stage_shapes(self, student_outputs: list[torch.Tensor]) -> None:
-        teacher_outputs = self.teacher_stages.outputs()
-        for name, student, teacher in zip(self.student_stages.names, student_outputs, teacher_outputs):
-            if student.shape[1:] != teacher.shape[1:]:
-                raise DfadError(f"stage_match compares stage outputs unit by unit, but the student's {name} gives "
-                                f"{tuple(student.shape[1:])} and the teacher's {tuple(teacher.shape[1:])}: a student "
-                                "from the teacher's layers (--set student_init=teacher) or --set stage_match=0")
 
     def iteration(self, progress: float) -> dict[str, torch.Tensor]:
         self._set_learning_rates(progress)
@@ -411,7 +422,11 @@ class DfadMethod(DistillMethod):
         forward (the hooks keep only the latest one, so all are read here together), one row per image: the
         penultimate features, then each stage's output flattened."""
         with self.setup.autocast():
-            logits = self.setup.teacher_logits(images, batchnorm_hooks=self.teacher_stages is not None)
+            if self.teacher_stages is None:
+                logits = self.setup.teacher_logits(images)
+            else:  # the original teacher for its stage hooks, in the teacher's precision as its folded copy runs
+                with self.setup.teacher_autocast():
+                    logits = self.setup.teacher_logits(images, original=True)
         features = []
         if self.teacher_features is not None:
             features.append(self.teacher_features.latest.float())

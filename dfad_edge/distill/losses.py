@@ -52,14 +52,19 @@ class ClassifierInput:
 
 
 class StageOutputs:
-    """The output of each of a network's stages (its containers of blocks of one kind: a ResNet's layer1-3) at its
-    latest forward, kept by hooks, which also fire inside a compiled forward if registered before its first call."""
+    """The output of each of a network's stages (its called containers of blocks of one kind: a ResNet's layer1-3) at
+    its latest forward, kept by hooks, which also fire inside a compiled forward if registered before its first call.
+    Each is handed out once: a stage whose hook did not fire in the forward read is an error, not an old output."""
 
     def __init__(self, model: nn.Module, role: str, option: str):
-        self.names = list(block_stages(model))
+        # Sequential only (a ModuleList is iterated, never called, so its hook would never fire), and of nested
+        # stages (timm's stages and their stages.N.blocks) the inner ones, so no output is kept twice.
+        stages = [name for name in block_stages(model) if isinstance(model.get_submodule(name), nn.Sequential)]
+        self.names = [name for name in stages if not any(other.startswith(f"{name}.") for other in stages)]
+        self.role, self.option = role, option
         if not self.names:
-            raise DfadError(f"the {role} has no stages of blocks (as a ResNet's layer1-3), so '{option}' has nothing to "
-                            f"compare: --set {option}=0")
+            raise DfadError(f"the {role} has no stages of blocks (as a ResNet's layer1-3), so '{option}' has nothing "
+                            f"to compare: --set {option}=0")
         self.latest: dict[str, torch.Tensor] = {}
         for name in self.names:
             model.get_submodule(name).register_forward_hook(partial(self._keep, name))
@@ -68,7 +73,11 @@ class StageOutputs:
         self.latest[name] = output
 
     def outputs(self) -> list[torch.Tensor]:
-        return [self.latest[name] for name in self.names]
+        missing = [name for name in self.names if name not in self.latest]
+        if missing:
+            raise DfadError(f"the {self.role}'s forward did not call its {', '.join(missing)}, so '{self.option}' "
+                            f"cannot read its output: --set {self.option}=0")
+        return [self.latest.pop(name) for name in self.names]
 
 
 def stage_match_loss(student_outputs: list[torch.Tensor], teacher_outputs: torch.Tensor) -> torch.Tensor:
@@ -161,7 +170,7 @@ class BatchNormStatistics:
         """The layers' terms summed (DeepInversion, Fast-DFKD: deeper teachers weigh it more) or averaged."""
         if not self._inputs:  # a teacher forward that bypassed its BatchNorm layers would make this term silently 0
             raise RuntimeError("BatchNormStatistics saw no BatchNorm input: call Setup.teacher_logits(..., "
-                               "batchnorm_hooks=True) inside its context")
+                               "original=True) inside its context")
         layers, features = zip(*self._inputs)
         self._inputs = []
         moments = batch_moments(list(features))

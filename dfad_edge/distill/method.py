@@ -88,13 +88,13 @@ class Setup:
     def to_memory_format(self, images: torch.Tensor) -> torch.Tensor:
         return images.contiguous(memory_format=torch.channels_last) if self.channels_last and images.dim() == 4 else images
 
-    def teacher_logits(self, images: torch.Tensor, batchnorm_hooks: bool = False) -> torch.Tensor:
+    def teacher_logits(self, images: torch.Tensor, original: bool = False) -> torch.Tensor:
         """The teacher on images in the student's spec; resized (differentiably) when the teacher takes another size.
-        ``batchnorm_hooks``: the call must pass through the teacher's BatchNorm layers (BN-statistics matching hooks
-        them); every other call runs the folded copy."""
+        ``original``: run the teacher itself, in the caller's precision, so hooks on its layers fire (BN-statistics
+        matching hooks its BatchNorm layers, stage_match its stages); every other call runs the folded copy."""
         if self.teacher_size is not None:
             images = F.interpolate(images, size=self.teacher_size, mode="bilinear", align_corners=False)
-        if batchnorm_hooks:
+        if original:
             return self.teacher_forward(images).float()
         if self.teacher_amp_dtype is None:
             images = images.float()  # made in the student's bf16 region, read by a teacher in fp32
@@ -119,7 +119,7 @@ class Setup:
         if bn_statistics is None:
             return self.teacher_logits(images), torch.zeros((), device=self.device)
         with bn_statistics:
-            logits = self.teacher_logits(images, batchnorm_hooks=True)
+            logits = self.teacher_logits(images, original=True)
         return logits, bn_statistics.loss()
 
 
