@@ -12,11 +12,14 @@ from .errors import DfadError
 
 
 def option(default, help: str, *, min: float | None = None, max: float | None = None, above: float | None = None,
-           below: float | None = None, choices: tuple | None = None, factory=None, split: bool = False):
+           below: float | None = None, choices: tuple | None = None, words: tuple[str, ...] = (), factory=None,
+           split: bool = False):
     """A dataclass field with its help text and valid range: ``min``/``max`` are inclusive, ``above``/``below``
-    exclusive. ``factory`` makes a mutable default. ``split``: a count for the whole run (a batch size, a pool's
-    capacity) that the ranks of a torchrun run share equally (dfad_edge.distributed.split_across_ranks)."""
-    metadata = {"help": help, "min": min, "max": max, "above": above, "below": below, "choices": choices, "split": split}
+    exclusive. ``words``: names a number option also takes (``auto``), its type then ``float | str``. ``factory``
+    makes a mutable default. ``split``: a count for the whole run (a batch size, a pool's capacity) that the ranks of
+    a torchrun run share equally (dfad_edge.distributed.split_across_ranks)."""
+    metadata = {"help": help, "min": min, "max": max, "above": above, "below": below, "choices": choices,
+                "words": words, "split": split}
     if factory is not None:
         return field(default_factory=factory, metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -25,6 +28,8 @@ def option(default, help: str, *, min: float | None = None, max: float | None = 
 def _range_problem(value, meta: dict) -> str | None:
     if meta.get("choices") and value not in meta["choices"]:
         return f"must be one of {', '.join(map(str, meta['choices']))}"
+    if isinstance(value, str) and meta.get("words"):
+        return None if value in meta["words"] else f"must be a number or {' or '.join(meta['words'])}"
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         return None
     if isinstance(value, float) and not math.isfinite(value):
@@ -60,6 +65,8 @@ def option_help(cls, prefix: str = "") -> list[str]:
                   if meta.get(key) is not None]
         if meta.get("choices"):
             bounds.append("one of " + "|".join(map(str, meta["choices"])))
+        if meta.get("words"):
+            bounds.append("or " + "|".join(meta["words"]))
         if meta.get("split"):
             bounds.append("the whole run's: torchrun ranks take equal shares")
         shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
@@ -82,9 +89,18 @@ def _parse_scalar(text: str, kind, key: str):
 
 
 def parse_value(cls, name: str, text: str, key: str):
-    """A --set value in the field's own type: int, float, bool, str, an optional one ('none'), or a tuple ('1,2')."""
+    """A --set value in the field's own type: int, float, bool, str, an optional one ('none'), a tuple ('1,2'), or a
+    number that also takes names (its ``words``: 'auto')."""
     kind = typing.get_type_hints(cls)[name]
     args = typing.get_args(kind)
+    words = next(item.metadata.get("words", ()) for item in fields(cls) if item.name == name)
+    if words:
+        if text.lower() in words:
+            return text.lower()
+        try:
+            return float(text)
+        except ValueError:
+            raise DfadError(f"--set {key}={text}: expected a number or {' or '.join(words)}") from None
     if type(None) in args:
         if text.lower() in ("none", "null", ""):
             return None

@@ -756,8 +756,9 @@ def _random_resnet56_teacher(folder: Path) -> Path:
     return path
 
 
-def _stage_match_run(folder: Path, feature_match: float = 0.0, **changes) -> DistillRun:
-    options = {"batch_size": 8, "student_steps": 1, "replay_size": 16, "stage_match": 0.5,
+def _stage_match_run(folder: Path, feature_match: float = 0.0, stage_match: float | str = 0.5,
+                     **changes) -> DistillRun:
+    options = {"batch_size": 8, "student_steps": 1, "replay_size": 16, "stage_match": stage_match,
                "feature_match": feature_match}
     settings = dict(student_arch="resnet20", compile_teacher=False, amp="off", channels_last="off", diagnostic_images=8,
                     sample_images=4, options=options)
@@ -862,6 +863,63 @@ def test_stage_match_refuses_students_without_the_teachers_stages_in_one_line(tm
         _stage_match_run(tmp_path / "small", student_init="random", student_input_size=(16, 16))
     assert "student_input_size" in str(shapes.value)
     assert "\n" not in str(names.value) and "\n" not in str(shapes.value)
+
+
+def _hooked_stages(*models: nn.Module) -> list[str]:
+    """Stages (layer1...) and taps after them (output_of_layer1...) that a forward hook watches."""
+    return [name for model in models for name, module in model.named_modules()
+            if name.startswith(("layer", "output_of_")) and "." not in name and module._forward_hooks]
+
+
+def test_stage_match_auto_is_on_for_a_student_of_the_teachers_stages_and_off_for_any_other(tmp_path, monkeypatch):
+    import dfad_edge.distill.dfad as dfad_module
+
+    on = _stage_match_run(tmp_path / "same", stage_match="auto")
+    assert on.method.stage_weight == dfad_module.STAGE_MATCH_AUTO
+    assert on.method.provenance() == {"stage_match": {"weight": dfad_module.STAGE_MATCH_AUTO,
+                                                      "stages": ["layer1", "layer2", "layer3"]}}
+    on.method.iteration(0.5)
+    assert on.method.replay.features.shape[1] == 16 * 32 * 32 + 32 * 16 * 16 + 64 * 8 * 8
+    # Another family, another input size, or more stage outputs than the memory may keep: off, the run goes on
+    # (where a weight refuses), with the reason recorded and no hook left behind on either network.
+    monkeypatch.setattr(dfad_module, "STAGE_MEMORY_AUTO_GB", 1e-4)  # 16 images' outputs: 0.92 MB
+    for name, changes, reason in [
+            ("family", dict(student_init="random", student_arch="resnet18_8x"), "stages of the same names"),
+            ("size", dict(student_init="random", student_input_size=(16, 16)), "unit by unit"),
+            ("memory", {}, "0.000918 GB of the teacher's stage outputs")]:
+        off = _stage_match_run(tmp_path / name, stage_match="auto", **changes)
+        assert off.method.stage_weight == 0 and reason in off.method.provenance()["stage_match"]["off_because"]
+        assert not _hooked_stages(off.student, off.setup.teacher, off.setup.folded_teacher)
+        off.method.iteration(0.5)
+        assert off.method.replay.features is None
+    # A weight keeps the outputs whatever they cost.
+    assert _stage_match_run(tmp_path / "forced", stage_match=1.0).method.stage_weight == 1.0
+
+
+def test_stage_match_auto_from_the_command_line_turns_off_for_a_teacher_without_stages(tmp_path, digits_teacher):
+    result = run_cli("distill", "--teacher", digits_teacher, "--out", tmp_path / "run", "--method", "dfad",
+                     "--set", "stage_match=auto", "--set", "epochs=1")
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["dfad"]["stage_match"] == "auto"
+    recorded = json.loads((tmp_path / "run" / "result.json").read_text())["stage_match"]
+    assert recorded["weight"] == 0 and "has no stages of blocks" in recorded["off_because"]
+    bad = run_cli("distill", "--teacher", digits_teacher, "--out", tmp_path / "bad", "--method", "dfad",
+                  "--set", "stage_match=most")
+    assert bad.exit_code == 2 and "expected a number or auto" in bad.output and "Traceback" not in bad.output
+
+
+def test_stage_match_reads_the_teachers_stages_from_its_folded_copy_and_checks_where(tmp_path, monkeypatch):
+    import dfad_edge.distill.dfad as dfad_module
+
+    run = _stage_match_run(tmp_path / "run")
+    assert run.setup.folded_teacher is not run.setup.teacher  # folded: its stage containers are never called
+    assert [name for name, _ in run.setup.folded_teacher.named_children() if name.startswith("output_of_")] == \
+           ["output_of_layer1", "output_of_layer2", "output_of_layer3"]
+    # Taps after each stage's first block instead (outputs of the same shapes): the start-up check finds them wrong.
+    expose = dfad_module.expose_outputs
+    monkeypatch.setattr(dfad_module, "expose_outputs", lambda module, names: expose(module, [f"{n}.0" for n in names]))
+    with pytest.raises(DfadError, match="layer1 output from its traced copy, which there differs"):
+        _stage_match_run(tmp_path / "misplaced")
 
 
 def test_a_replay_memory_saved_with_float32_features_resumes_as_it_was():

@@ -151,7 +151,7 @@ PRESETS: dict[str, dict[str, DistillConfig]] = {
         # "A constant generator rate").
         "small": replace(_dfad(preset="small", epochs=26, iters_per_epoch=20),
                          options=DfadOptions(batch_size=64, scheduler="cosine", bn_stats=10.0, class_balance=1.0,
-                                             replay_size=8192, generator_schedule="constant")),
+                                             replay_size=8192, generator_schedule="constant", stage_match="auto")),
         "tiny": replace(_dfad(preset="tiny", student_arch="digits_cnn_medium", epochs=24, iters_per_epoch=20,
                               compile_teacher=False),
                         options=DfadOptions(nz=64, ngf=32, batch_size=128, lr_student=0.05, milestones=(16, 22),

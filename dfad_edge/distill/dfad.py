@@ -15,14 +15,17 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from rich.markup import escape
 
 from ..distributed import data_parallel
 from ..errors import DfadError
 from ..models import create_model
+from ..models.frozen import expose_outputs, outputs_agree
 from ..options import option
+from ..progress import log
 from .augment import random_shift_flip
 from .losses import (BatchNormStatistics, ClassifierInput, StageOutputs, class_balance_loss, require_batchnorm,
-                     stage_match_loss, student_logit_loss)
+                     stage_match_loss, stage_names, student_logit_loss)
 from .method import (FLIP_AGREEMENT, GENERATOR_FORMAT, DistillMethod, Setup, adam, forced_flip, generator_kwargs,
                      register_method, scaled_step, student_optimizer)
 from .schedule import SCHEDULES, epoch_progress, lr_factor, set_lr
@@ -30,6 +33,11 @@ from .schedule import SCHEDULES, epoch_progress, lr_factor, set_lr
 # The generator's first images are noise, on which the teacher's flip agreement says nothing about its training data;
 # this many generator steps (an epoch of the tiny, small and large presets) first shape them for the teacher.
 FLIP_DECISION_ITERATIONS = 20
+# stage_match=auto: the one weight measured (docs/results.md, "The teacher's stage outputs"), and the most the replay
+# memory may spend on the teacher's stage outputs (a ResNet-56 at 32 px, 8,192 images: 0.47 GB; a wide network at
+# 64 px would need tens of GB, where auto leaves the term off rather than fail mid-run).
+STAGE_MATCH_AUTO = 1.0
+STAGE_MEMORY_AUTO_GB = 2.0
 
 
 @dataclass
@@ -69,10 +77,12 @@ class DfadOptions:
     feature_match: float = option(0.0, "weight of an L1 term between the student's and the teacher's penultimate "
                                   "features (their classifiers' inputs) on the student's images, 0 = off; compared "
                                   "unit by unit, so meant for a student from the teacher's layers", min=0)
-    stage_match: float = option(0.0, "weight of an L1 term between the output of each of the student's stages (a "
-                                "ResNet's layer1-3) and the teacher's same stage, relative to the teacher's mean "
-                                "activation there, on the student's images, 0 = off; for a student from the teacher's "
-                                "layers (the same widths)", min=0)
+    stage_match: float | str = option(0.0, "weight of an L1 term between the output of each of the student's stages "
+                                      "(a ResNet's layer1-3) and the teacher's same stage, relative to the teacher's "
+                                      "mean activation there, on the student's images, 0 = off; for a student of the "
+                                      f"teacher's stages and widths (from its layers); auto: {STAGE_MATCH_AUTO:g} "
+                                      "where the student has them and the replay memory can keep the teacher's stage "
+                                      f"outputs in {STAGE_MEMORY_AUTO_GB:g} GB, else off", min=0, words=("auto",))
 
     def validate(self, epochs: int) -> None:
         # The schedule counts epochs of this run: a drop on or after the last epoch would never happen.
@@ -263,51 +273,105 @@ class DfadMethod(DistillMethod):
         self.generator_steps = 0
         self.flip_allowed: bool | None = forced_flip(options.flip)
         self.flip_agreement: float | None = None
+        self.stage_record: dict = {}
+        self.student_stages, self.teacher_stages = self._stage_taps() if options.stage_match != 0 else (None, None)
+        self.stage_weight = 0.0 if self.teacher_stages is None else (
+            STAGE_MATCH_AUTO if options.stage_match == "auto" else options.stage_match)
         self.student_features, self.teacher_features = self._feature_taps() if options.feature_match > 0 else (None, None)
-        self.student_stages, self.teacher_stages = self._stage_taps() if options.stage_match > 0 else (None, None)
 
     def _feature_taps(self) -> tuple[ClassifierInput, ClassifierInput]:
-        """The student's and the teacher's penultimate features, kept at each forward (on the teacher that labels the
-        student's images: the original with stage_match, else its inference copy)."""
+        """The student's and the teacher's penultimate features, kept at each forward (the teacher's inference copy,
+        which labels the student's images)."""
         setup = self.setup
         student = ClassifierInput(setup.student, setup.num_classes, "student", "feature_match")
-        teacher = ClassifierInput(self._labelling_teacher(), setup.num_classes, "teacher", "feature_match")
+        teacher = ClassifierInput(setup.folded_teacher, setup.num_classes, "teacher", "feature_match")
         if student.width != teacher.width:
             raise DfadError(f"feature_match compares penultimate features, but the student has {student.width} and the "
                             f"teacher {teacher.width}: pick a student of the teacher's width or --set feature_match=0")
         return student, teacher
 
-    def _labelling_teacher(self) -> torch.nn.Module:
-        """The teacher module whose forward labels the student's images: the original with stage_match (its folded
-        copy is a traced graph whose stage containers are never called), else the faster folded copy."""
-        return self.setup.teacher if self.options.stage_match > 0 else self.setup.folded_teacher
+    def _stage_taps(self) -> tuple[StageOutputs | None, StageOutputs | None]:
+        """The outputs of the student's and the teacher's stages, kept at each forward (the teacher's from its
+        inference copy, which labels the student's images). Their names and shapes must match (a student from the
+        teacher's layers, at the teacher's input size), checked here on one example, before the replay memory is sized
+        for them. Where they do not, a weight refuses to start; auto leaves the term off, as it does where the replay
+        memory could not keep the teacher's outputs."""
+        setup, auto = self.setup, self.options.stage_match == "auto"
+        names = {"student": stage_names(setup.student), "teacher": stage_names(setup.teacher)}
+        problem, taps = self._stage_names_problem(names), (None, None)
+        exposed = expose_outputs(setup.folded_teacher, names["teacher"]) if problem is None else None
+        if problem is None and exposed is None:
+            problem = "reads each stage's output, but the teacher's traced copy does not show them all", None
+        if problem is None:
+            taps = (StageOutputs(setup.student, names["student"], "student", "stage_match"),
+                    StageOutputs(setup.folded_teacher, names["teacher"], "teacher", "stage_match", exposed))
+            problem, values_per_image = self._stage_shapes_problem(*taps)
+            if problem is None and auto:
+                problem = self._stage_memory_problem(values_per_image)
+        if problem is None:
+            self.stage_record = {"stages": names["teacher"]}
+            return taps
+        for stage_outputs in taps:
+            if stage_outputs is not None:
+                stage_outputs.remove()
+        reason, advice = problem
+        if not auto:
+            raise DfadError(f"stage_match {reason}: {advice + ' or ' if advice else ''}--set stage_match=0")
+        self.stage_record = {"off_because": f"the term {reason}"}
+        log(escape(f"stage_match=auto: off, as the term {reason}"))
+        return None, None
 
-    def _stage_taps(self) -> tuple[StageOutputs, StageOutputs]:
-        """The outputs of the student's and the teacher's stages, kept at each forward. Their names and shapes must
-        match (a student from the teacher's layers, at the teacher's input size), checked here on one example, before
-        the replay memory is sized for them."""
+    # The problems below: why the term cannot be computed, and what would let it (None: nothing but leaving it off).
+    @staticmethod
+    def _stage_names_problem(names: dict[str, list[str]]) -> tuple[str, str | None] | None:
+        for role, found in names.items():
+            if not found:
+                return f"compares stages of blocks (as a ResNet's layer1-3), but the {role} has no stages of blocks", None
+        if names["student"] != names["teacher"]:
+            return (f"compares stages of the same names, but the student has {names['student']} and the teacher "
+                    f"{names['teacher']}"), "pick a student of the teacher's family"
+        return None
+
+    def _stage_shapes_problem(self, student: StageOutputs,
+                              teacher: StageOutputs) -> tuple[tuple[str, str | None] | None, int]:
+        """Why the stage outputs cannot be compared unit by unit, if they cannot, and the teacher's values per image.
+        The inference copy's outputs are checked against the original teacher's stages on the same example."""
         setup = self.setup
-        student = StageOutputs(setup.student, "student", "stage_match")
-        teacher = StageOutputs(self._labelling_teacher(), "teacher", "stage_match")
-        if student.names != teacher.names:
-            raise DfadError(f"stage_match compares stages of the same names, but the student has {student.names} and "
-                            f"the teacher {teacher.names}: pick a student of the teacher's family or --set "
-                            "stage_match=0")
-        example = torch.zeros(2, *setup.student_spec.shape, device=setup.device)
+        # Its own generator: the check must not move the run's random stream.
+        example = torch.randn(2, *setup.student_spec.shape, generator=torch.Generator().manual_seed(0))
+        example = example.to(setup.device)
+        resized = F.interpolate(example, size=setup.teacher_size) if setup.teacher_size else example
+        original = StageOutputs(setup.teacher, teacher.names, "teacher", "stage_match")
         training = setup.student.training
-        setup.student.eval()  # no batch statistics of a blank example in the student's running averages
+        setup.student.eval()  # no batch statistics of this example in the student's running averages
         with torch.no_grad():
             setup.student(example)
-            setup.teacher(F.interpolate(example, size=setup.teacher_size) if setup.teacher_size else example)
+            setup.teacher(resized)
+            with setup.teacher_autocast():
+                setup.folded_teacher(resized)
         setup.student.train(training)
-        for name, ours, theirs in zip(student.names, student.outputs(), teacher.outputs()):
+        expected = original.outputs()
+        original.remove()
+        values = 0
+        for name, ours, theirs, truth in zip(student.names, student.outputs(), teacher.outputs(), expected):
             if ours.shape[1:] != theirs.shape[1:]:
-                raise DfadError(f"stage_match compares stage outputs unit by unit, but the student's {name} gives "
-                                f"{tuple(ours.shape[1:])} and the teacher's {tuple(theirs.shape[1:])}: "
-                                + ("the teacher's input size for the student (no --set student_input_size)"
-                                   if ours.shape[1] == theirs.shape[1] else "a student of the teacher's widths")
-                                + " or --set stage_match=0")
-        return student, teacher
+                advice = ("the teacher's input size for the student (no --set student_input_size)"
+                          if ours.shape[1] == theirs.shape[1] else "a student of the teacher's widths")
+                return (f"compares stage outputs unit by unit, but the student's {name} gives {tuple(ours.shape[1:])} "
+                        f"and the teacher's {tuple(theirs.shape[1:])}", advice), 0
+            if theirs.shape != truth.shape or not outputs_agree(truth, theirs, relative=0.05):
+                return (f"reads the teacher's {name} output from its traced copy, which there differs from the "
+                        "teacher's", None), 0
+            values += theirs[0].numel()
+        return None, values
+
+    def _stage_memory_problem(self, values_per_image: int) -> tuple[str, str | None] | None:
+        gigabytes = values_per_image * 2 * self.options.replay_size / 1e9  # float16 rows
+        if gigabytes <= STAGE_MEMORY_AUTO_GB:
+            return None
+        return (f"would keep {gigabytes:.3g} GB of the teacher's stage outputs in the replay memory "
+                f"({self.options.replay_size} images), over auto's {STAGE_MEMORY_AUTO_GB:g} GB"), \
+            "a smaller replay_size, or a weight (stage_match=1) to keep them all"
 
     def _set_learning_rates(self, progress: float) -> None:
         options = self.options
@@ -360,7 +424,7 @@ class DfadMethod(DistillMethod):
                                                            teacher_features[:, :width]))
             teacher_features = teacher_features[:, width:]
         if self.student_stages is not None:
-            terms.append(options.stage_match * stage_match_loss(self.student_stages.outputs(), teacher_features))
+            terms.append(self.stage_weight * stage_match_loss(self.student_stages.outputs(), teacher_features))
         return torch.stack(terms).sum()
 
     def iteration(self, progress: float) -> dict[str, torch.Tensor]:
@@ -383,6 +447,12 @@ class DfadMethod(DistillMethod):
         images = self.adversary.generate(512, seed=0, with_teacher=False)[0]
         self.flip_agreement = self.setup.flip_agreement(self.setup.to_memory_format(images))
         self.flip_allowed = self.flip_agreement >= FLIP_AGREEMENT
+
+    def provenance(self) -> dict:
+        """stage_match's teacher targets: the stages compared and their weight, or why auto left the term off."""
+        if self.options.stage_match == 0:
+            return {}
+        return {"stage_match": {"weight": self.stage_weight, **self.stage_record}}
 
     def diagnostics(self) -> dict:
         if not self.options.student_augment:
@@ -422,11 +492,7 @@ class DfadMethod(DistillMethod):
         forward (the hooks keep only the latest one, so all are read here together), one row per image: the
         penultimate features, then each stage's output flattened."""
         with self.setup.autocast():
-            if self.teacher_stages is None:
-                logits = self.setup.teacher_logits(images)
-            else:  # the original teacher for its stage hooks, in the teacher's precision as its folded copy runs
-                with self.setup.teacher_autocast():
-                    logits = self.setup.teacher_logits(images, original=True)
+            logits = self.setup.teacher_logits(images)
         features = []
         if self.teacher_features is not None:
             features.append(self.teacher_features.latest.float())

@@ -51,23 +51,25 @@ class ClassifierInput:
         self.latest = inputs[0]
 
 
-class StageOutputs:
-    """The output of each of a network's stages (its called containers of blocks of one kind: a ResNet's layer1-3) at
-    its latest forward, kept by hooks, which also fire inside a compiled forward if registered before its first call.
-    Each is handed out once: a stage whose hook did not fire in the forward read is an error, not an old output."""
+def stage_names(model: nn.Module) -> list[str]:
+    """A network's stages: its called containers of blocks of one kind (a ResNet's layer1-3). Sequential only (a
+    ModuleList is iterated, never called, so a hook on it would never fire), and of nested stages (timm's stages and
+    their stages.N.blocks) the inner ones, so no output is kept twice."""
+    stages = [name for name in block_stages(model) if isinstance(model.get_submodule(name), nn.Sequential)]
+    return [name for name in stages if not any(other.startswith(f"{name}.") for other in stages)]
 
-    def __init__(self, model: nn.Module, role: str, option: str):
-        # Sequential only (a ModuleList is iterated, never called, so its hook would never fire), and of nested
-        # stages (timm's stages and their stages.N.blocks) the inner ones, so no output is kept twice.
-        stages = [name for name in block_stages(model) if isinstance(model.get_submodule(name), nn.Sequential)]
-        self.names = [name for name in stages if not any(other.startswith(f"{name}.") for other in stages)]
-        self.role, self.option = role, option
-        if not self.names:
-            raise DfadError(f"the {role} has no stages of blocks (as a ResNet's layer1-3), so '{option}' has nothing "
-                            f"to compare: --set {option}=0")
+
+class StageOutputs:
+    """The output of each of the named stages of a network at its latest forward, kept by hooks (on ``modules``, by
+    default the stages themselves: a traced copy's identity layers after them, models/frozen.expose_outputs), which
+    also fire inside a compiled forward if registered before its first call. Each is handed out once: a stage whose
+    hook did not fire in the forward read is an error, not an old output."""
+
+    def __init__(self, model: nn.Module, names: list[str], role: str, option: str, modules: list[str] | None = None):
+        self.names, self.role, self.option = names, role, option
         self.latest: dict[str, torch.Tensor] = {}
-        for name in self.names:
-            model.get_submodule(name).register_forward_hook(partial(self._keep, name))
+        self.handles = [model.get_submodule(module).register_forward_hook(partial(self._keep, name))
+                        for name, module in zip(names, modules or names)]
 
     def _keep(self, name: str, _module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
         self.latest[name] = output
@@ -78,6 +80,11 @@ class StageOutputs:
             raise DfadError(f"the {self.role}'s forward did not call its {', '.join(missing)}, so '{self.option}' "
                             f"cannot read its output: --set {self.option}=0")
         return [self.latest.pop(name) for name in self.names]
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.latest.clear()
 
 
 def stage_match_loss(student_outputs: list[torch.Tensor], teacher_outputs: torch.Tensor) -> torch.Tensor:

@@ -91,7 +91,7 @@ class Setup:
     def teacher_logits(self, images: torch.Tensor, original: bool = False) -> torch.Tensor:
         """The teacher on images in the student's spec; resized (differentiably) when the teacher takes another size.
         ``original``: run the teacher itself, in the caller's precision, so hooks on its layers fire (BN-statistics
-        matching hooks its BatchNorm layers, stage_match its stages); every other call runs the folded copy."""
+        matching hooks its BatchNorm layers); every other call runs the folded copy."""
         if self.teacher_size is not None:
             images = F.interpolate(images, size=self.teacher_size, mode="bilinear", align_corners=False)
         if original:

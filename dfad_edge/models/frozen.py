@@ -94,6 +94,32 @@ def cast_for_autocast(module: nn.Module, dtype: torch.dtype) -> None:
             layer.to(dtype)
 
 
+def expose_outputs(module: nn.Module, names: list[str]) -> list[str] | None:
+    """The names of modules whose forward hooks see the outputs of ``module``'s submodules ``names``: the submodules
+    themselves in a module, in a traced (folded) copy identity layers inserted after the last node each submodule
+    made (torch.fx keeps every node's module path; the copy never calls its containers). None where a submodule
+    left no node in the graph."""
+    import torch.fx as fx
+
+    if not isinstance(module, fx.GraphModule):
+        return names
+    graph, taps = module.graph, []
+    for name in names:
+        made = [node for node in graph.nodes if name in node.meta.get("nn_module_stack", {})]
+        if not made:
+            return None
+        tap = f"output_of_{name.replace('.', '_')}"
+        taps.append(tap)
+        if hasattr(module, tap):  # exposed before (another method built on the same copy)
+            continue
+        module.add_submodule(tap, nn.Identity())
+        with graph.inserting_after(made[-1]):
+            node = graph.call_module(tap, (made[-1],))
+        made[-1].replace_all_uses_with(node, delete_user_cb=lambda user, node=node: user is not node)
+    module.recompile()
+    return taps
+
+
 class CompiledInference:
     """The frozen teacher's forwards without gradients (every student step's targets) through torch.compile with
     freezing: weights become constants, so convolutions get pre-packed weights and fused activations (about 5% more
