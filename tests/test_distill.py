@@ -875,6 +875,9 @@ def test_stage_match_auto_is_on_for_a_student_of_the_teachers_stages_and_off_for
     import dfad_edge.distill.dfad as dfad_module
 
     on = _stage_match_run(tmp_path / "same", stage_match="auto")
+    after_on = torch.rand(4)
+    _stage_match_run(tmp_path / "zero", stage_match=0)
+    assert torch.equal(after_on, torch.rand(4))  # the start-up check leaves the run's random stream as it was
     assert on.method.stage_weight == dfad_module.STAGE_MATCH_AUTO
     assert on.method.provenance() == {"stage_match": {"weight": dfad_module.STAGE_MATCH_AUTO,
                                                       "stages": ["layer1", "layer2", "layer3"]}}
@@ -894,6 +897,24 @@ def test_stage_match_auto_is_on_for_a_student_of_the_teachers_stages_and_off_for
         assert off.method.replay.features is None
     # A weight keeps the outputs whatever they cost.
     assert _stage_match_run(tmp_path / "forced", stage_match=1.0).method.stage_weight == 1.0
+    # A run resumes as it began: auto deciding otherwise now (here: the memory limit) is refused in one line.
+    with pytest.raises(DfadError, match="began with stage_match at weight 1 and would resume at 0"):
+        off.method.load_state_dict(on.method.state_dict(), tmp_path / "memory" / "run")
+
+
+def test_stage_match_options_take_auto_or_a_weight_and_nothing_else():
+    from dfad_edge.distill.dfad import DfadOptions
+    from dfad_edge.options import option_help, parse_value, validate_options
+
+    assert parse_value(DfadOptions, "stage_match", "AUTO", "stage_match") == "auto"
+    assert parse_value(DfadOptions, "stage_match", "0.5", "stage_match") == 0.5
+    with pytest.raises(DfadError, match="stage_match=most: expected a number or auto"):
+        parse_value(DfadOptions, "stage_match", "most", "stage_match")
+    for value, problem in ((-1.0, "must be >= 0"), (float("nan"), "finite"), ("most", "must be a number or auto")):
+        with pytest.raises(DfadError, match=problem):  # from --set or from a config.json
+            validate_options(DfadOptions(stage_match=value))
+    validate_options(DfadOptions(stage_match="auto"))
+    assert any(line.startswith("stage_match=") and "or auto" in line for line in option_help(DfadOptions))
 
 
 def test_stage_match_auto_from_the_command_line_turns_off_for_a_teacher_without_stages(tmp_path, digits_teacher):
@@ -920,6 +941,27 @@ def test_stage_match_reads_the_teachers_stages_from_its_folded_copy_and_checks_w
     monkeypatch.setattr(dfad_module, "expose_outputs", lambda module, names: expose(module, [f"{n}.0" for n in names]))
     with pytest.raises(DfadError, match="layer1 output from its traced copy, which there differs"):
         _stage_match_run(tmp_path / "misplaced")
+
+
+def test_stage_match_reads_the_stages_themselves_of_a_teacher_that_cannot_be_folded(tmp_path, monkeypatch):
+    import dfad_edge.distill.loop as loop_module
+    from dfad_edge.models.frozen import Folded
+
+    monkeypatch.setattr(loop_module, "fold_batchnorm", lambda model, example: Folded(model, 0, "not traceable"))
+    run = _stage_match_run(tmp_path)
+    assert run.setup.folded_teacher is run.setup.teacher
+    for _ in range(4):  # 8 fresh images, then 4 per step: every row of the memory written
+        run.method.iteration(0.5)
+    memory, teacher, kept = run.method.replay, run.setup.teacher, []
+    assert memory.count > memory.capacity
+    handles = [getattr(teacher, name).register_forward_hook(lambda _m, _i, output: kept.append(output.flatten(1)))
+               for name in ("layer1", "layer2", "layer3")]
+    with torch.no_grad():
+        teacher(memory.images.float())
+    for handle in handles:
+        handle.remove()
+    expected = torch.cat(kept, 1)
+    assert (memory.features.float() - expected).abs().max() < 0.01 * expected.abs().max()
 
 
 def test_a_replay_memory_saved_with_float32_features_resumes_as_it_was():

@@ -148,7 +148,10 @@ PRESETS: dict[str, dict[str, DistillConfig]] = {
         # dfad-edge's remedies against mode collapse, as measured on a 32x32 teacher (docs/results.md, CIFAR-10 on a CPU).
         # The generator's rate constant: 30 minutes on CIFAR-10, 74.73 / 75.03 / 75.39% against the scheduled rate's
         # 74.11 / 74.45 (74.83 rerun beside it) / 74.34% on seeds 0-2 (a screening on test labels; docs/results.md,
-        # "A constant generator rate").
+        # "A constant generator rate"). The teacher's stage outputs as targets (stage_match=auto: on for a student of
+        # the teacher's stages): 30 minutes, CPU-B seeds 0-2 74.82 / 74.75 / 75.57% beside the default's 73.84% (seed
+        # 0); CPU-A seeds 0 / 1 73.05 / 73.35% beside 71.82 / 70.50% (docs/results.md, "The teacher's stage
+        # outputs"; screenings on test labels).
         "small": replace(_dfad(preset="small", epochs=26, iters_per_epoch=20),
                          options=DfadOptions(batch_size=64, scheduler="cosine", bn_stats=10.0, class_balance=1.0,
                                              replay_size=8192, generator_schedule="constant", stage_match="auto")),

@@ -20,7 +20,7 @@ from rich.markup import escape
 from ..distributed import data_parallel
 from ..errors import DfadError
 from ..models import create_model
-from ..models.frozen import expose_outputs, outputs_agree
+from ..models.frozen import expose_outputs
 from ..options import option
 from ..progress import log
 from .augment import random_shift_flip
@@ -34,10 +34,10 @@ from .schedule import SCHEDULES, epoch_progress, lr_factor, set_lr
 # this many generator steps (an epoch of the tiny, small and large presets) first shape them for the teacher.
 FLIP_DECISION_ITERATIONS = 20
 # stage_match=auto: the one weight measured (docs/results.md, "The teacher's stage outputs"), and the most the replay
-# memory may spend on the teacher's stage outputs (a ResNet-56 at 32 px, 8,192 images: 0.47 GB; a wide network at
-# 64 px would need tens of GB, where auto leaves the term off rather than fail mid-run).
+# memory may spend on the teacher's stage outputs (8,192 images at 32 px: a ResNet-56's 0.47 GB, a ResNet-34_8x's
+# 2.0 GB; a wide network at 64 px would need tens of GB, where auto leaves the term off rather than exhaust memory).
 STAGE_MATCH_AUTO = 1.0
-STAGE_MEMORY_AUTO_GB = 2.0
+STAGE_MEMORY_AUTO_GB = 4.0
 
 
 @dataclass
@@ -164,8 +164,9 @@ class ReplayMemory:
              teacher_logits: Callable[[torch.Tensor], torch.Tensor]) -> None:
         self.images = state["images"].to(device) if state["images"] is not None else None
         self.count = state["count"]
-        # A run resumes with its saved options, so a memory without features is one of a run without feature_match
-        # and stage_match. One from before features were float16 stays float32 (new rows are cast to it).
+        # A run resumes with its saved options and stage_match's saved decision (DfadMethod.load_state_dict), so a
+        # memory without features is one of a run without feature_match and stage_match. One from before features
+        # were float16 stays float32 (new rows are cast to it).
         self.features = state.get("features")
         if self.features is not None:
             self.features = self.features.to(device)
@@ -310,6 +311,8 @@ class DfadMethod(DistillMethod):
                 problem = self._stage_memory_problem(values_per_image)
         if problem is None:
             self.stage_record = {"stages": names["teacher"]}
+            if auto:
+                log(f"stage_match=auto: weight {STAGE_MATCH_AUTO:g} on the outputs of {', '.join(names['teacher'])}")
             return taps
         for stage_outputs in taps:
             if stage_outputs is not None:
@@ -317,8 +320,8 @@ class DfadMethod(DistillMethod):
         reason, advice = problem
         if not auto:
             raise DfadError(f"stage_match {reason}: {advice + ' or ' if advice else ''}--set stage_match=0")
-        self.stage_record = {"off_because": f"the term {reason}"}
-        log(escape(f"stage_match=auto: off, as the term {reason}"))
+        self.stage_record = {"off_because": f"the term {reason}" + (f" (to turn it on: {advice})" if advice else "")}
+        log(escape(f"stage_match=auto: off, as {self.stage_record['off_because']}"))
         return None, None
 
     # The problems below: why the term cannot be computed, and what would let it (None: nothing but leaving it off).
@@ -344,12 +347,14 @@ class DfadMethod(DistillMethod):
         original = StageOutputs(setup.teacher, teacher.names, "teacher", "stage_match")
         training = setup.student.training
         setup.student.eval()  # no batch statistics of this example in the student's running averages
-        with torch.no_grad():
-            setup.student(example)
-            setup.teacher(resized)
-            with setup.teacher_autocast():
-                setup.folded_teacher(resized)
-        setup.student.train(training)
+        try:
+            with torch.no_grad():
+                setup.student(example)
+                setup.teacher(resized)
+                with setup.teacher_autocast():
+                    setup.folded_teacher(resized)
+        finally:
+            setup.student.train(training)
         expected = original.outputs()
         original.remove()
         values = 0
@@ -359,7 +364,9 @@ class DfadMethod(DistillMethod):
                           if ours.shape[1] == theirs.shape[1] else "a student of the teacher's widths")
                 return (f"compares stage outputs unit by unit, but the student's {name} gives {tuple(ours.shape[1:])} "
                         f"and the teacher's {tuple(theirs.shape[1:])}", advice), 0
-            if theirs.shape != truth.shape or not outputs_agree(truth, theirs, relative=0.05):
+            # Within 5% of the stage's largest output (the copy may compute in bf16), however small its outputs.
+            if theirs.shape != truth.shape or not torch.allclose(
+                    theirs.float(), truth.float(), rtol=0, atol=0.05 * float(truth.abs().max().clamp_min(1e-6))):
                 return (f"reads the teacher's {name} output from its traced copy, which there differs from the "
                         "teacher's", None), 0
             values += theirs[0].numel()
@@ -370,7 +377,7 @@ class DfadMethod(DistillMethod):
         if gigabytes <= STAGE_MEMORY_AUTO_GB:
             return None
         return (f"would keep {gigabytes:.3g} GB of the teacher's stage outputs in the replay memory "
-                f"({self.options.replay_size} images), over auto's {STAGE_MEMORY_AUTO_GB:g} GB"), \
+                f"({self.options.replay_size} images in each process), over auto's {STAGE_MEMORY_AUTO_GB:g} GB"), \
             "a smaller replay_size, or a weight (stage_match=1) to keep them all"
 
     def _set_learning_rates(self, progress: float) -> None:
@@ -472,9 +479,16 @@ class DfadMethod(DistillMethod):
         return {**self.adversary.state_dict(), "optimizer_s": self.optimizer_s.state_dict(),
                 "scaler_s": self.scaler_s.state_dict(), "replay": self.replay.state(),
                 "generator_steps": self.generator_steps, "flip_allowed": self.flip_allowed,
-                "flip_agreement": self.flip_agreement}
+                "flip_agreement": self.flip_agreement, "stage_weight": self.stage_weight}
 
     def load_state_dict(self, state: dict, out: Path) -> None:
+        # stage_match=auto decides again on resume; a run must go on as it began (its memory's rows hold the stage
+        # outputs or not). A last.pt from before auto had a weight as its option, decided the same way again.
+        began = state.get("stage_weight", self.stage_weight)
+        if began != self.stage_weight:
+            raise DfadError(f"this run began with stage_match at weight {began:g} and would resume at "
+                            f"{self.stage_weight:g} ({self.stage_record.get('off_because', 'on')}): resume it with the "
+                            "dfad-edge version that began it, on a machine like that one")
         self.adversary.load_state_dict(state)
         self.optimizer_s.load_state_dict(state["optimizer_s"])
         self.scaler_s.load_state_dict(state["scaler_s"])

@@ -103,19 +103,20 @@ def expose_outputs(module: nn.Module, names: list[str]) -> list[str] | None:
 
     if not isinstance(module, fx.GraphModule):
         return names
-    graph, taps = module.graph, []
-    for name in names:
+    graph, lasts = module.graph, []
+    for name in names:  # all found before the graph changes, so a missing one leaves it as it was
         made = [node for node in graph.nodes if name in node.meta.get("nn_module_stack", {})]
         if not made:
             return None
-        tap = f"output_of_{name.replace('.', '_')}"
-        taps.append(tap)
+        lasts.append(made[-1])
+    taps = [f"output_of_{name.replace('.', '_')}" for name in names]
+    for tap, last in zip(taps, lasts):
         if hasattr(module, tap):  # exposed before (another method built on the same copy)
             continue
         module.add_submodule(tap, nn.Identity())
-        with graph.inserting_after(made[-1]):
-            node = graph.call_module(tap, (made[-1],))
-        made[-1].replace_all_uses_with(node, delete_user_cb=lambda user, node=node: user is not node)
+        with graph.inserting_after(last):
+            node = graph.call_module(tap, (last,))
+        last.replace_all_uses_with(node, delete_user_cb=lambda user, node=node: user is not node)
     module.recompile()
     return taps
 
