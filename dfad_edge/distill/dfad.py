@@ -20,7 +20,7 @@ from rich.markup import escape
 from ..distributed import data_parallel
 from ..errors import DfadError
 from ..models import create_model
-from ..models.frozen import expose_outputs
+from ..models.frozen import expose_outputs, outputs_agree
 from ..options import option
 from ..progress import log
 from .augment import random_shift_flip
@@ -365,8 +365,7 @@ class DfadMethod(DistillMethod):
                 return (f"compares stage outputs unit by unit, but the student's {name} gives {tuple(ours.shape[1:])} "
                         f"and the teacher's {tuple(theirs.shape[1:])}", advice), 0
             # Within 5% of the stage's largest output (the copy may compute in bf16), however small its outputs.
-            if theirs.shape != truth.shape or not torch.allclose(
-                    theirs.float(), truth.float(), rtol=0, atol=0.05 * float(truth.abs().max().clamp_min(1e-6))):
+            if theirs.shape != truth.shape or not outputs_agree(truth, theirs, relative=0.05, floor=1e-6):
                 return (f"reads the teacher's {name} output from its traced copy, which there differs from the "
                         "teacher's", None), 0
             values += theirs[0].numel()
